@@ -1,0 +1,14 @@
+"""loratune: LoRA and QLoRA fine-tuning for Hugging Face causal LMs, with PEFT-compatible adapters."""
+from .adapters import load_adapter, read_adapter, save_adapter
+from .config import LoraConfig
+from .inject import disable_adapters, find_targets, inject_adapter, set_active_adapters, trainable_summary
+from .layers import LoraLayer
+from .merge import merge_adapters, merge_and_unload, unload, unmerge_adapters
+from .model import LoraModel, get_lora_model
+
+__version__ = "0.1.0"
+__all__ = [
+    "LoraConfig", "LoraLayer", "LoraModel", "get_lora_model", "inject_adapter", "find_targets",
+    "set_active_adapters", "disable_adapters", "trainable_summary", "save_adapter", "load_adapter", "read_adapter",
+    "merge_adapters", "unmerge_adapters", "merge_and_unload", "unload",
+]
