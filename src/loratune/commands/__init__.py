@@ -1,0 +1,1 @@
+"""CLI sub-commands: argument parsing and printing only; the work is done by the library modules."""

@@ -1,0 +1,79 @@
+"""Loading base models and tokenizers through transformers' Auto classes, with one-line errors.
+
+A model is named by a local directory or a hub id (``Qwen/Qwen3-0.6B``); hub downloads go through
+transformers as usual. ``trust_remote_code`` stays off unless the caller asks for it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """'bf16' → torch.bfloat16; raises ValueError listing the valid names."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"dtype must be one of fp32, bf16, fp16; got {name!r}") from None
+
+
+def _check_source(name_or_path: str) -> None:
+    """A path-like name that does not exist is reported as such, not as a failed hub lookup."""
+    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1] \
+        or name_or_path.count("/") > 1
+    if looks_local and not Path(name_or_path).expanduser().exists():
+        raise FileNotFoundError(f"model directory {name_or_path} does not exist")
+
+
+def _wrap(err: Exception, what: str, name_or_path: str) -> Exception:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ValueError(f"cannot load {what} from {name_or_path!r}: {first}")
+
+
+def load_config(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    """transformers config for a local dir or hub id."""
+    from transformers import AutoConfig
+
+    _check_source(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _wrap(err, "a model config", name_or_path) from None
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+               device: str | torch.device | None = None) -> torch.nn.Module:
+    """A causal LM via ``AutoModelForCausalLM.from_pretrained`` (safetensors only), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    _check_source(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=True)
+    except (OSError, ValueError) as err:
+        raise _wrap(err, "a causal LM", name_or_path) from None
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    """The model's tokenizer, with a pad token (eos when none is set) and left untouched otherwise."""
+    from transformers import AutoTokenizer
+
+    _check_source(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _wrap(err, "a tokenizer", name_or_path) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
