@@ -13,7 +13,7 @@ import sys
 from typing import Sequence
 
 # Sub-command modules, in the order `loratune --help` lists them.
-COMMANDS = ("plan",)
+COMMANDS = ("plan", "inspect")
 
 
 def build_parser() -> argparse.ArgumentParser:
