@@ -58,3 +58,57 @@ def tiny_qwen3_dir(tmp_path):
     path = tmp_path / "tiny-qwen3"
     model.save_pretrained(path)
     return path
+
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_char_tokenizer():
+    """A character-level fast tokenizer (printable ASCII + ChatML specials, vocab < 128) with a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=CHATML)
+
+
+def write_chat_jsonl(path, n: int, seed: int = 0):
+    """n chat records of a simple learnable task (reverse a 3-letter word)."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            word = "".join(rng.choice("abcdef") for _ in range(3))
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"rev {word}"},
+                                             {"role": "assistant", "content": word[::-1]}]}) + "\n")
+    return path
+
+
+@pytest.fixture
+def tiny_run_dir(tmp_path):
+    """A local model dir (tiny Qwen3 + char tokenizer) and train/eval JSONL files, as a user would have them."""
+    # initializer_range 0.2 (not 0.02): with hidden size 64, tiny embeddings would cap the logits near ±1 and no
+    # adapter could make a confident prediction, so nothing would visibly learn.
+    model = make_tiny_qwen3(vocab_size=128, initializer_range=0.2)
+    tok = make_char_tokenizer()
+    model.config.eos_token_id = tok.eos_token_id
+    model.config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    write_chat_jsonl(tmp_path / "train.jsonl", 64, seed=1)
+    write_chat_jsonl(tmp_path / "eval.jsonl", 8, seed=2)
+    return tmp_path

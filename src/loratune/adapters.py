@@ -185,12 +185,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
 
     # Everything checked: now change the model.
     inject_adapter(model, config, adapter_name)
-    for name, layer in lora_layers(model):
-        if adapter_name in layer.lora_A:
-            key_a, key_b = _lora_keys(name, layer.kind)
-            with torch.no_grad():
-                layer.lora_A[adapter_name].copy_(tensors[key_a])
-                layer.lora_B[adapter_name].copy_(tensors[key_b])
+    copy_adapter_tensors(model, tensors, adapter_name)
     with torch.no_grad():
         for key, param in extra.items():
             param.copy_(tensors[key])
@@ -199,6 +194,17 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         for p in model.parameters():
             p.requires_grad_(False)
     return config
+
+
+def copy_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
+    """Copy A and B from PEFT-keyed ``tensors`` into the existing adapter ``adapter_name``, in place (the
+    parameters stay the same objects, so an optimizer holding them keeps working)."""
+    with torch.no_grad():
+        for name, layer in lora_layers(model):
+            if adapter_name in layer.lora_A:
+                key_a, key_b = _lora_keys(name, layer.kind)
+                layer.lora_A[adapter_name].copy_(tensors[key_a])
+                layer.lora_B[adapter_name].copy_(tensors[key_b])
 
 
 def _module_of(key: str) -> str:

@@ -52,8 +52,10 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, trust_remo
                device: str | torch.device | None = None) -> torch.nn.Module:
     """A causal LM via ``AutoModelForCausalLM.from_pretrained`` (safetensors only), in eval mode."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     _check_source(name_or_path)
+    hf_logging.disable_progress_bar()  # one bar per run is ours; transformers' loading bars are noise here
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code,
                                                      use_safetensors=True)
@@ -77,3 +79,30 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def load_with_adapters(model: str, adapters: list[str] | tuple[str, ...] = (), dtype: torch.dtype = torch.float32,
+                       quantize: str = "none", trust_remote_code: bool = False,
+                       device: str | torch.device | None = None) -> tuple[torch.nn.Module, Any]:
+    """Base model (optionally NF4-quantized) with adapter directories loaded and all of them active, plus tokenizer.
+
+    Several adapters are loaded as ``adapter0``, ``adapter1``, ... and their updates add up.
+    """
+    from . import quant
+    from .adapters import load_adapter
+    from .inject import set_active_adapters
+
+    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+    net = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, device=device)
+    if quantize == "nf4":
+        quant.check_backend_available()
+        quant.quantize_model(net)
+    names = []
+    for i, path in enumerate(adapters):
+        names.append(f"adapter{i}")
+        load_adapter(net, path, names[-1])
+    if names:
+        set_active_adapters(net, names)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net, tokenizer

@@ -1,0 +1,637 @@
+"""The LoRA training job: recipe → data → model with adapter → AdamW loop → checkpoints → adapter + report.
+
+Plain PyTorch, no Trainer. The loop below reads top to bottom; helpers come after it. What makes it lean:
+
+* only LoRA parameters get gradients, so the frozen base costs forward + input-gradient FLOPs only;
+* padding-free packing: a micro-batch is one row of whole examples back to back, ``position_ids`` restarting at
+  each example, which transformers turns into a block-diagonal causal mask (no attention across examples);
+* the loss goes straight from hidden states to cross-entropy in chunks (:mod:`loratune.loss`), only at labelled
+  positions: the [tokens × vocab] logits never exist at once.
+
+Determinism: the data order is a pure function of (seed, epoch); checkpoints hold the adapter, optimizer,
+scheduler, RNG state and data position, so ``resume`` continues a killed run to the very same adapter.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import quant
+from .adapters import copy_adapter_tensors, read_adapter, replace_dir, save_adapter
+from .config import LoraConfig
+from .data import DataError, PackedBatchSampler, PackingCollator, PaddingCollator, LengthGroupedBatchSampler, \
+    iter_records, load_examples, train_eval_split
+from .inject import disable_adapters, inject_adapter, trainable_summary
+from .layers import LoraLayer
+from .loss import causal_lm_loss, count_trainable_tokens, shift_labels
+from .models import ASSETS, load_model, load_tokenizer, parse_dtype
+from .recipe import build, dump_yaml
+
+BUILTIN = {
+    "builtin:tiny-qwen3": ASSETS / "tiny-qwen3",
+    "builtin:train": ASSETS / "data" / "train.jsonl",
+    "builtin:eval": ASSETS / "data" / "eval.jsonl",
+}
+CHECKPOINTS = "checkpoints"
+
+
+def resolve(path: str | None) -> str | None:
+    """``builtin:NAME`` → the bundled asset's path; anything else unchanged."""
+    if path is None or not path.startswith("builtin:"):
+        return path
+    if path not in BUILTIN:
+        raise ValueError(f"unknown bundled asset {path!r}; bundled: {', '.join(BUILTIN)}")
+    return str(BUILTIN[path])
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs. The defaults are the embedded demo: the bundled tiny Qwen3 and task."""
+
+    model: str = "builtin:tiny-qwen3"
+    """Base model: a hub id (e.g. Qwen/Qwen3-0.6B), a local directory, or builtin:tiny-qwen3."""
+    tokenizer: str | None = None
+    """Tokenizer to use; default: the model's."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub. Off unless you trust the model's repository."""
+    dtype: str = "auto"
+    """Base weight dtype: auto (bf16 where the hardware has fast bf16, else fp32), bf16, fp16 or fp32."""
+    quantize: str = "none"
+    """Base linear weights: none, or nf4 (QLoRA: 4-bit NormalFloat, double-quantized scales)."""
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=8, lora_alpha=16))
+    """The adapter: r, lora_alpha, target_modules, ... (see LoraConfig)."""
+    train_data: str = "builtin:train"
+    """Training data: a JSONL file (chat messages, prompt/completion, Alpaca or text) or a datasets name/path."""
+    eval_data: str | None = "builtin:eval"
+    """Held-out data; when empty, eval_fraction of train_data is held out."""
+    eval_fraction: float = 0.05
+    """Share of train_data held out for evaluation when eval_data is not given (0 disables evaluation)."""
+    max_seq_len: int = 512
+    """Examples longer than this many tokens are truncated (and counted)."""
+    train_on: str = "completion"
+    """completion: loss on assistant/completion tokens only; all: on every token."""
+    skip_bad_lines: bool = False
+    """Skip malformed data records (reporting how many) instead of stopping at the first."""
+    packing: bool = True
+    """Padding-free packing: a micro-batch is one row of whole examples, attention kept inside each example."""
+    batch_size: int = 8
+    """Examples per micro-batch (with packing: the token budget is batch_size × max_seq_len)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    max_steps: int = 0
+    """Optimizer steps; 0: derived from epochs."""
+    epochs: float = 1.0
+    """Passes over the training data when max_steps is 0."""
+    lr: float = 2e-4
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on the LoRA parameters."""
+    warmup_ratio: float = 0.05
+    """Share of steps with linear warm-up from 0 to lr, before cosine decay."""
+    min_lr_ratio: float = 0.0
+    """Cosine decay floor, as a fraction of lr."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm; 0 disables."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory (slower)."""
+    autocast: str = "auto"
+    """Mixed precision: auto (bf16 where supported), bf16, fp16 or none."""
+    seed: int = 0
+    """Seed for LoRA init, data order, split and dropout."""
+    eval_every: int = 0
+    """Evaluate the held-out loss every N steps; 0: only at the end."""
+    save_every: int = 0
+    """Write a resumable checkpoint every N steps; 0: none besides the final adapter."""
+    keep_last: int = 2
+    """Checkpoints to keep (older ones are deleted)."""
+    log_every: int = 1
+    """Write a metrics line every N steps."""
+    eval_generate: int = 0
+    """Held-out examples scored by greedy generation and exact match, before and after training; 0: skip."""
+    max_new_tokens: int = 64
+    """Generation length limit for exact-match scoring."""
+    output_dir: str = "runs/loratune"
+    """Where the adapter, checkpoints, metrics.jsonl and loss.png go."""
+    threads: int = 0
+    """CPU threads for torch; 0: all cores."""
+
+    def __post_init__(self) -> None:
+        choice = {"dtype": ("auto", "bf16", "fp16", "fp32"), "quantize": ("none", "nf4"),
+                  "train_on": ("completion", "all"), "autocast": ("auto", "bf16", "fp16", "none")}
+        for name, options in choice.items():
+            if getattr(self, name) not in options:
+                raise ValueError(f"{name} must be one of {', '.join(options)}; got {getattr(self, name)!r}")
+        positive = {"max_seq_len": 2, "batch_size": 1, "grad_accum": 1, "keep_last": 1, "log_every": 1, "max_new_tokens": 1}
+        for name, low in positive.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
+        for name in ("max_steps", "eval_every", "save_every", "eval_generate", "seed", "threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer ≥ 0, got {value!r}")
+        ranges = {"lr": (0, 1, False), "weight_decay": (0, 1, True), "warmup_ratio": (0, 1, True),
+                  "min_lr_ratio": (0, 1, True), "eval_fraction": (0, 1, True)}
+        for name, (low, high, low_ok) in ranges.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    (low <= value if low_ok else low < value) and value < high):
+                raise ValueError(f"{name} must be a number in {'[' if low_ok else '('}{low}, {high}), got {value!r}")
+        if not isinstance(self.epochs, (int, float)) or self.epochs <= 0:
+            raise ValueError(f"epochs must be a number > 0, got {self.epochs!r}")
+        if not isinstance(self.max_grad_norm, (int, float)) or self.max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm must be a number ≥ 0, got {self.max_grad_norm!r}")
+        if not isinstance(self.lora, LoraConfig):
+            raise ValueError("lora must be a LoraConfig (a mapping of its fields in a recipe)")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<recipe>", lines: dict[str, int] | None = None) -> "TrainConfig":
+        """Build from a recipe mapping; unknown keys and bad values name source:line and the valid options."""
+        return build(cls, data, source, lines)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; the last good checkpoint is left as it was."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    output_dir: Path
+    adapter_dir: Path
+    steps: int
+    final_loss: float
+    eval_loss: float | None
+    tokens: int
+    seconds: float
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+# ==============================================================================================================
+# The run
+# ==============================================================================================================
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log: Any = print) -> TrainResult:
+    """Run (or, with ``resume``, continue) the training job described by ``cfg``."""
+    out = Path(cfg.output_dir)
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp_dtype = autocast_dtype(cfg.autocast, device)
+    torch.manual_seed(cfg.seed)
+
+    # -- tokenizer and data first: bad input must fail before anything is written ------------------------------
+    model_path = resolve(cfg.model)
+    tokenizer = load_tokenizer(resolve(cfg.tokenizer) or model_path, trust_remote_code=cfg.trust_remote_code)
+    train_set, eval_set, eval_records = load_data(cfg, tokenizer)
+    log(f"train data: {train_set.report.summary()}")
+    if eval_set is not None:
+        log(f"eval data: {eval_set.report.summary()}")
+    sampler, collate = make_batching(cfg, train_set, tokenizer)
+    steps_per_epoch = max(1, len(sampler.batches(0)) // cfg.grad_accum)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+    # -- model: base weights frozen, LoRA injected ------------------------------------------------------------------
+    model = load_model(model_path, dtype=weight_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code,
+                       device=device)
+    if cfg.quantize == "nf4":
+        quant.check_backend_available()
+        quant.quantize_model(model)
+    inject_adapter(model, cfg.lora)  # B = 0: the model is unchanged until the first step
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing works with a frozen input embedding (no input-grad hooks needed).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    log(trainable_summary(model))
+
+    # -- optimizer and schedule: AdamW over the LoRA parameters only ----------------------------------------------
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    warmup = int(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps, cfg.min_lr_ratio))
+
+    # -- state: fresh, or restored from the newest checkpoint ------------------------------------------------------
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0, "seconds": 0.0}
+    report: dict[str, Any] = {}
+    if resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {out / CHECKPOINTS}")
+        state, report = load_checkpoint(ckpt, model, optimizer, scheduler)
+        log(f"resumed from {ckpt} at step {state['step']}/{total_steps}")
+    elif cfg.eval_generate and eval_records:
+        report["before"] = score(model, tokenizer, eval_records[:cfg.eval_generate], cfg)
+        log(f"exact match before training (base model): {report['before']['text']}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.yaml").write_text(dump_yaml(cfg))
+
+    metrics_file = open(out / "metrics.jsonl", "a" if resume else "w")
+    batches = batch_stream(sampler, collate, state, train_set)
+    bar = make_progress(total_steps, state["step"], enabled=progress)
+    model.train()
+    t_start = time.perf_counter() - state["seconds"]
+    loss_value = float("nan")
+    eval_loss = None
+    try:
+        while state["step"] < total_steps:
+            # One optimizer step = grad_accum micro-batches. The loss is the sum of token losses over all of them
+            # divided by their total trainable tokens, so accumulation equals one big batch.
+            micro = [next(batches) for _ in range(cfg.grad_accum)]
+            loss_value, tokens = accumulate_gradients(model, micro, device, amp_dtype)
+            state["tokens"] += tokens
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(
+                    f"loss became {loss_value} at step {state['step'] + 1}; stopped without saving. "
+                    f"Last good checkpoint: {latest_checkpoint(out) or 'none'}. Try a lower lr (now {cfg.lr:g}) "
+                    "or max_grad_norm > 0")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            elapsed = time.perf_counter() - t_start
+            state["seconds"] = elapsed
+
+            row = {"step": state["step"], "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                   "grad_norm": float(grad_norm), "tokens": state["tokens"], "tokens_per_s": state["tokens"] / elapsed,
+                   "elapsed_s": elapsed}
+            if eval_set is not None and cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < total_steps:
+                row["eval_loss"] = eval_loss = evaluate_loss(model, eval_set, cfg, tokenizer, device, amp_dtype)
+            if state["step"] % cfg.log_every == 0 or "eval_loss" in row:
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+            bar.update(row)
+            if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < total_steps:
+                save_checkpoint(out, model, optimizer, scheduler, state, report, cfg)
+    finally:
+        bar.close()
+        metrics_file.close()
+
+    # -- the end: held-out loss, adapter, plot, before/after report -----------------------------------------------
+    model.eval()
+    if eval_set is not None:
+        eval_loss = evaluate_loss(model, eval_set, cfg, tokenizer, device, amp_dtype)
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": state["step"], "eval_loss": eval_loss}) + "\n")
+        log(f"eval loss after {state['step']} steps: {eval_loss:.4f}")
+    adapter_dir = save_adapter(model, out / "adapter", base_model_name_or_path=cfg.model)
+    plot_losses(out / "metrics.jsonl", out / "loss.png")
+    if cfg.eval_generate and eval_records:
+        report["after"] = score(model, tokenizer, eval_records[:cfg.eval_generate], cfg)
+        with disable_adapters(model):
+            report["disabled"] = score(model, tokenizer, eval_records[:cfg.eval_generate], cfg)
+        if "before" in report:
+            report["disabled"]["same_as_before"] = report["disabled"]["outputs"] == report["before"]["outputs"]
+        log(format_report(report))
+    summary = {"steps": state["step"], "final_loss": loss_value, "eval_loss": eval_loss, "tokens": state["tokens"],
+               "seconds": state["seconds"], "adapter": str(adapter_dir),
+               **{k: {kk: vv for kk, vv in v.items() if kk != "outputs"} for k, v in report.items()}}
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return TrainResult(out, adapter_dir, state["step"], loss_value, eval_loss, state["tokens"], state["seconds"], report)
+
+
+# ==============================================================================================================
+# Pieces of the run
+# ==============================================================================================================
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``name`` on ``device`` (None: no autocast)."""
+    if name == "none":
+        return None
+    if name == "auto":
+        return torch.bfloat16 if fast_bf16(device) else None
+    return parse_dtype(name)
+
+
+def weight_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Base weight dtype: bf16 where bf16 math is fast (CUDA with bf16, CPUs with AVX-512 BF16 or AMX), else fp32."""
+    if name == "auto":
+        return torch.bfloat16 if fast_bf16(device) else torch.float32
+    return parse_dtype(name)
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Does this device run bf16 matmuls natively?"""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        caps = torch.backends.cpu.get_cpu_capability()
+        return bool(torch.cpu._is_avx512_bf16_supported() or "AMX" in caps.upper())  # type: ignore[attr-defined]
+    except AttributeError:
+        return False
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``dtype``, or a no-op."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay from 1 to ``floor`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def load_data(cfg: TrainConfig, tokenizer: Any) -> tuple[Any, Any, list[dict]]:
+    """Tokenized train and eval sets (eval: eval_data, or a seeded eval_fraction of train) and raw eval records."""
+    kw = dict(max_seq_len=cfg.max_seq_len, train_on_all=cfg.train_on == "all", skip_bad=cfg.skip_bad_lines)
+    train_path, eval_path = resolve(cfg.train_data), resolve(cfg.eval_data)
+    train_set = load_examples(train_path, tokenizer, **kw)
+    eval_records: list[dict] = []
+    if eval_path:
+        eval_set = load_examples(eval_path, tokenizer, **kw)
+        eval_records = [rec for _, rec in iter_records(eval_path) if isinstance(rec, dict)]
+    elif cfg.eval_fraction > 0 and len(train_set) >= 2:
+        train_set, eval_set = train_eval_split(train_set, eval_fraction=cfg.eval_fraction, seed=cfg.seed)
+    else:
+        eval_set = None
+    return train_set, eval_set, eval_records
+
+
+def make_batching(cfg: TrainConfig, dataset: Any, tokenizer: Any) -> tuple[Any, Any]:
+    """(sampler, collate): packed rows of ≤ batch_size × max_seq_len tokens, or length-grouped padded batches."""
+    if cfg.packing:
+        budget = cfg.batch_size * cfg.max_seq_len
+        return (PackedBatchSampler(dataset.lengths, budget, seed=cfg.seed, max_examples=cfg.batch_size),
+                PackingCollator(budget))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return LengthGroupedBatchSampler(dataset.lengths, cfg.batch_size, seed=cfg.seed), PaddingCollator(pad)
+
+
+def batch_stream(sampler: Any, collate: Any, state: dict[str, int], dataset: Any) -> Iterator[dict[str, Any]]:
+    """Micro-batches forever, epoch after epoch, resuming at ``state['epoch']``/``state['batch_in_epoch']``.
+
+    ``state`` is updated as batches are handed out, so a checkpoint taken between steps records the exact
+    position in the data order.
+    """
+    while True:
+        batches = sampler.batches(state["epoch"])
+        while state["batch_in_epoch"] < len(batches):
+            idx = batches[state["batch_in_epoch"]]
+            state["batch_in_epoch"] += 1
+            yield collate([dataset[i] for i in idx])
+        state["epoch"] += 1
+        state["batch_in_epoch"] = 0
+
+
+def accumulate_gradients(model: nn.Module, micro: list[dict[str, Any]], device: torch.device,
+                         amp_dtype: torch.dtype | None) -> tuple[float, int]:
+    """Backward over the micro-batches of one step; returns (mean token loss, input tokens processed).
+
+    Each micro-batch contributes (its summed token losses) / (trainable tokens of all micro-batches), so the
+    accumulated gradient is exactly the gradient of the mean over the whole step's tokens.
+    """
+    n_tokens = sum(int(count_trainable_tokens(mb["labels"], position_ids=mb.get("position_ids"))) for mb in micro)
+    loss_sum, tokens = 0.0, 0
+    for mb in micro:
+        with autocast(device, amp_dtype):
+            loss, _ = batch_loss(model, mb, device)  # scalar: summed token losses
+        (loss / max(n_tokens, 1)).backward()
+        loss_sum += loss.item()
+        tokens += int(mb["input_ids"].numel() if "position_ids" in mb else mb["attention_mask"].sum())
+    return loss_sum / max(n_tokens, 1), tokens
+
+
+def batch_loss(model: nn.Module, batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, int]:
+    """Summed token cross-entropy of one micro-batch and its number of scored tokens.
+
+    The decoder runs without the LM head; :func:`loratune.loss.causal_lm_loss` applies the head only at labelled
+    positions, in chunks. Models whose logits are post-processed (soft-capping, scaling) take the plain path.
+    """
+    ids = batch["input_ids"].to(device)                                      # [B, T]
+    labels = batch["labels"].to(device)                                      # [B, T]
+    pos = batch.get("position_ids")
+    kwargs: dict[str, Any] = {"use_cache": False}
+    if pos is not None:
+        kwargs["position_ids"] = pos.to(device)                              # [1, T], restarting per example
+    else:
+        kwargs["attention_mask"] = batch["attention_mask"].to(device)        # [B, T]
+    head, bias = lm_head_weight(model)
+    if head is None:
+        logits = model(input_ids=ids, **kwargs).logits                       # [B, T, V]
+        targets = shift_labels(labels, position_ids=kwargs.get("position_ids"))  # [B, T]: token each position predicts
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        return loss, int((targets != -100).sum())
+    hidden = model.base_model(input_ids=ids, **kwargs).last_hidden_state     # [B, T, H]
+    out = causal_lm_loss(hidden, head, labels, lm_head_bias=bias, position_ids=kwargs.get("position_ids"),
+                         reduction="sum")
+    return out.loss, out.num_tokens
+
+
+def lm_head_weight(model: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The output head's effective weight (W, or W + ΔW when the head itself carries LoRA) and bias, or (None, None)
+    when logits are not a plain linear map of the decoder's last hidden state."""
+    cfg = getattr(model, "config", None)
+    if any(getattr(cfg, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")):
+        return None, None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or model.base_model is model:
+        return None, None
+    if isinstance(head, LoraLayer):
+        weight = quant.dequantize(head.weight)
+        for name in head.active:
+            if name not in head.merged:
+                weight = weight + head.delta_weight(name).to(weight.dtype)
+        return weight, head.bias
+    if not isinstance(head, nn.Linear):
+        return None, None
+    return head.weight, head.bias
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, dataset: Any, cfg: TrainConfig, tokenizer: Any, device: torch.device,
+                  amp_dtype: torch.dtype | None) -> float:
+    """Mean token cross-entropy on ``dataset`` (same masking and packing as training)."""
+    was_training = model.training
+    model.eval()
+    sampler, collate = make_batching(cfg, dataset, tokenizer)
+    total, count = 0.0, 0
+    for idx in sampler.batches(0):
+        with autocast(device, amp_dtype):
+            loss, n = batch_loss(model, collate([dataset[i] for i in idx]), device)
+        total += float(loss)
+        count += int(n)
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def score(model: nn.Module, tokenizer: Any, records: list[dict], cfg: TrainConfig) -> dict[str, Any]:
+    """Exact match of greedy generations on held-out records."""
+    from .generate import exact_match
+
+    em = exact_match(model, tokenizer, records, max_new_tokens=cfg.max_new_tokens)
+    return {"accuracy": em.accuracy, "correct": em.correct, "total": em.total, "text": str(em), "outputs": em.outputs}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The before/after table printed at the end of a run with eval_generate."""
+    rows = [("base model, before training", report.get("before")), ("with the LoRA adapter", report.get("after")),
+            ("adapter disabled (base again)", report.get("disabled"))]
+    lines = ["", "held-out exact match (greedy generation):"]
+    for label, r in rows:
+        if r:
+            extra = ""
+            if "same_as_before" in r:
+                extra = "  (identical outputs to before: " + ("yes" if r["same_as_before"] else "NO") + ")"
+            lines.append(f"  {label:<32} {r['text']}{extra}")
+    return "\n".join(lines)
+
+
+# ==============================================================================================================
+# Checkpoints: atomic directories holding adapter + optimizer + scheduler + RNG + data position
+# ==============================================================================================================
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint directory under ``out/checkpoints``."""
+    root = out / CHECKPOINTS
+    done = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file()) if root.is_dir() else []
+    return done[-1] if done else None
+
+
+def save_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    state: dict[str, Any], report: dict[str, Any], cfg: TrainConfig) -> Path:
+    """Write ``checkpoints/step-N`` atomically (temp dir, then rename) and keep the newest ``keep_last``."""
+    root = out / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state['step']:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        save_adapter(model, tmp / "adapter", base_model_name_or_path=cfg.model)
+        tensors, groups = flatten_optimizer(optimizer)
+        tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        save_file(tensors, tmp / "optimizer.safetensors")
+        meta = {"state": state, "param_groups": groups, "scheduler": scheduler.state_dict(),
+                "report": {k: v for k, v in report.items()}}
+        meta["scheduler"]["lr_lambdas"] = [None] * len(optimizer.param_groups)  # functions are code, not state
+        (tmp / "state.json").write_text(json.dumps(meta) + "\n")  # written last: its presence marks a complete checkpoint
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in sorted(root.glob("step-*"))[:-cfg.keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore adapter weights, optimizer, scheduler and RNG from a checkpoint; returns (state, report)."""
+    meta = json.loads((path / "state.json").read_text())
+    _, tensors = read_adapter(path / "adapter")
+    copy_adapter_tensors(model, tensors, "default")
+    opt_tensors = load_file(path / "optimizer.safetensors")
+    torch.set_rng_state(opt_tensors.pop("rng.torch"))
+    if "rng.cuda" in opt_tensors:
+        cuda_state = opt_tensors.pop("rng.cuda")
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state(cuda_state)
+    optimizer.load_state_dict(unflatten_optimizer(opt_tensors, meta["param_groups"]))
+    scheduler.load_state_dict(meta["scheduler"])
+    return meta["state"], meta.get("report", {})
+
+
+def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Optimizer state as safetensors-ready tensors (``state.<param index>.<name>``) plus JSON param groups."""
+    sd = optimizer.state_dict()
+    tensors = {}
+    for idx, st in sd["state"].items():
+        for key, value in st.items():
+            tensors[f"state.{idx}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, sd["param_groups"]
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list[dict]) -> dict[str, Any]:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": groups}
+
+
+# ==============================================================================================================
+# Output: progress, metrics plot, atomic writes
+# ==============================================================================================================
+class _Progress:
+    """A tqdm bar with loss, tokens/s and ETA on a terminal; a plain log line every few steps otherwise."""
+
+    def __init__(self, total: int, start: int, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.every = max(1, total // 20)
+        self.bar = None
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    def update(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        text = f"loss {row['loss']:.4f}, {row['tokens_per_s']:,.0f} tok/s"
+        if "eval_loss" in row:
+            text += f", eval {row['eval_loss']:.4f}"
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update(1)
+        elif row["step"] % self.every == 0 or row["step"] == self.total:
+            eta = row["elapsed_s"] / row["step"] * (self.total - row["step"]) if row["step"] else 0.0
+            print(f"step {row['step']}/{self.total}: {text}, eta {eta:.0f}s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def make_progress(total: int, start: int, enabled: bool) -> _Progress:
+    return _Progress(total, start, enabled)
+
+
+def plot_losses(metrics: Path, png: Path) -> Path | None:
+    """Train loss (and eval loss points) against step, written to ``png`` atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    train_rows = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    eval_rows = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if not train_rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(*zip(*train_rows), label="train loss", linewidth=1)
+    if eval_rows:
+        ax.plot(*zip(*eval_rows), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png)
+    return png
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
