@@ -128,3 +128,15 @@ def test_bias_and_modules_to_save_trainable(tiny_gpt2):
     assert "transformer.h.0.attn.c_proj.bias" not in trainable
     trainable_n, total = count_parameters(tiny_gpt2)
     assert trainable_n == sum(p.numel() for p in tiny_gpt2.parameters() if p.requires_grad)
+
+
+def test_counts_use_logical_shape_of_nf4_weights():
+    pytest.importorskip("bitsandbytes")
+    from loratune import quant
+
+    model = make_tiny_qwen3()
+    _, before = count_parameters(model)
+    quant.quantize_model(model)
+    inject_adapter(model, LoraConfig(r=4))
+    trainable, total = count_parameters(model)
+    assert total == before + trainable and trainable == 2 * 4 * (64 + 64 + 64 + 32 + 64 + 32 + 64 + 64)

@@ -11,6 +11,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from . import quant
 from .config import ALL_LINEAR, LoraConfig, layer_index, matches
 from .layers import CONV1D, LINEAR, LoraLayer, base_kind
 
@@ -219,7 +220,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, all) parameter counts, each shared tensor counted once, as PEFT counts them."""
     trainable = total = 0
     for p in model.parameters():  # parameters() already skips tied duplicates
-        n = p.numel()  # a quantized weight reports its logical (unpacked) shape
+        n = quant.logical_shape(p).numel()  # an NF4 weight counts its logical out×in, not its packed bytes
         total += n
         if p.requires_grad:
             trainable += n
