@@ -14,10 +14,13 @@ want=$(cat pyproject.toml | sha1sum | cut -c1-40)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
+# pip prints one "Location ... is ignored" warning per package for find-links folders that some machines
+# configure globally; drop those lines, keep everything else (pipefail keeps pip's exit status).
+pip_install() { "$VPY" -m pip install -q "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
 if ! "$VPY" -c "import torch" 2>/dev/null; then
   echo "[setup] installing torch==2.13.0"
-  "$VPY" -m pip install -q torch==2.13.0
+  pip_install torch==2.13.0
 fi
 echo "[setup] installing loratune (editable) with test extras"
-"$VPY" -m pip install -q -e ".[test]"
+pip_install -e ".[test]"
 echo "$want" > "$stamp"
