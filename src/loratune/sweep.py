@@ -92,7 +92,7 @@ def rank_config(cfg: TrainConfig, r: int, alpha_rule: str, sweep_dir: str | os.P
     check_sweepable(cfg, alpha_rule)
     lora = cfg.lora
     if alpha_rule == "proportional":
-        new = lora.replace(r=r, lora_alpha=_number(lora.lora_alpha / lora.r * r))
+        new = lora.replace(r=r, lora_alpha=_number(lora.lora_alpha * r / lora.r))
     elif alpha_rule == "fixed":
         new = lora.replace(r=r)
     else:  # rslora
