@@ -13,7 +13,7 @@ import sys
 from typing import Sequence
 
 # Sub-command modules, in the order `loratune --help` lists them.
-COMMANDS = ("train", "plan", "inspect", "generate", "merge", "eval")
+COMMANDS = ("train", "sweep", "plan", "inspect", "generate", "merge", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
