@@ -38,7 +38,7 @@ from .data import DataError, PackedBatchSampler, PackingCollator, PaddingCollato
 from .inject import disable_adapters, inject_adapter, trainable_summary
 from .layers import LoraLayer
 from .loss import causal_lm_loss, count_trainable_tokens, shift_labels
-from .models import ASSETS, load_model, load_tokenizer, parse_dtype
+from .models import ASSETS, load_model, load_tokenizer, parse_dtype, quantize_base, require_quant_backend
 from .recipe import build, dump_yaml
 
 BUILTIN = {
@@ -192,6 +192,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log: An
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp_dtype = autocast_dtype(cfg.autocast, device)
     torch.manual_seed(cfg.seed)
+    require_quant_backend(cfg.quantize, device)  # a missing/broken bitsandbytes fails before data or model load
 
     # -- tokenizer and data first: bad input must fail before anything is written ------------------------------
     model_path = resolve(cfg.model)
@@ -207,9 +208,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log: An
     # -- model: base weights frozen, LoRA injected ------------------------------------------------------------------
     model = load_model(model_path, dtype=weight_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code,
                        device=device)
-    if cfg.quantize == "nf4":
-        quant.check_backend_available()
-        quant.quantize_model(model)
+    quantize_base(model, cfg.quantize)  # NF4 linears (QLoRA) when cfg.quantize == "nf4"
     inject_adapter(model, cfg.lora)  # B = 0: the model is unchanged until the first step
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing works with a frozen input embedding (no input-grad hooks needed).
