@@ -88,19 +88,19 @@ class TrainConfig:
     """Skip malformed data records (reporting how many) instead of stopping at the first."""
     packing: bool = True
     """Padding-free packing: a micro-batch is one row of whole examples, attention kept inside each example."""
-    batch_size: int = 8
+    batch_size: int = 16
     """Examples per micro-batch (with packing: the token budget is batch_size × max_seq_len)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
-    max_steps: int = 0
+    max_steps: int = 200
     """Optimizer steps; 0: derived from epochs."""
     epochs: float = 1.0
     """Passes over the training data when max_steps is 0."""
-    lr: float = 2e-4
+    lr: float = 3e-3
     """Peak learning rate of AdamW."""
     weight_decay: float = 0.0
     """AdamW weight decay on the LoRA parameters."""
-    warmup_ratio: float = 0.05
+    warmup_ratio: float = 0.1
     """Share of steps with linear warm-up from 0 to lr, before cosine decay."""
     min_lr_ratio: float = 0.0
     """Cosine decay floor, as a fraction of lr."""
@@ -120,9 +120,9 @@ class TrainConfig:
     """Checkpoints to keep (older ones are deleted)."""
     log_every: int = 1
     """Write a metrics line every N steps."""
-    eval_generate: int = 0
+    eval_generate: int = 100
     """Held-out examples scored by greedy generation and exact match, before and after training; 0: skip."""
-    max_new_tokens: int = 64
+    max_new_tokens: int = 24
     """Generation length limit for exact-match scoring."""
     output_dir: str = "runs/loratune"
     """Where the adapter, checkpoints, metrics.jsonl and loss.png go."""
