@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -117,8 +118,8 @@ class World:
         import torch.distributed as dist
 
         everyone: list[Any] = [None] * self.size
+        self.set_up = True  # from here on a failure is no longer reported through this collective
         dist.all_gather_object(everyone, mine)
-        self.set_up = True
         failed = [(r, s) for r, s in enumerate(everyone) if not s["ok"]]
         if failed:
             msgs = {s["error"] for _, s in failed}
@@ -145,11 +146,11 @@ class World:
         if not isinstance(err, (ValueError, OSError)):
             text = f"{type(err).__name__}: {text}"
         everyone: list[Any] = [None] * self.size
+        self.set_up = True
         try:
             dist.all_gather_object(everyone, {"ok": False, "host": socket.gethostname(), "error": text})
         except Exception:  # the group itself is broken: nothing more to say than our own error
             return
-        self.set_up = True
         if self.rank != 0 and everyone[0] is not None and not everyone[0]["ok"] and everyone[0]["error"] == text:
             with contextlib.suppress(AttributeError, TypeError):
                 err.quiet = True  # type: ignore[attr-defined]
@@ -183,8 +184,6 @@ class World:
         ignore = [n for n, p in loss_module.named_parameters() if not p.requires_grad]
         ignore += [n for n, _ in loss_module.named_buffers()]
         DDP._set_params_and_buffers_to_ignore_for_model(loss_module, ignore)
-        import inspect
-
         # Buffers are ignored above, so they are not synced at init either way; nor in each forward:
         no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                           else {"broadcast_buffers": False})
@@ -381,7 +380,7 @@ class World:
 # Launching
 # ==============================================================================================================
 @contextlib.contextmanager
-def launch(cfg: Any) -> Iterator[World]:
+def launch(cfg: Any, log: Any = print) -> Iterator[World]:
     """The world for one run of ``train(cfg)``: read torchrun's environment, check the configuration against it,
     create the process group (gloo on CPUs, nccl on CUDA), and destroy it at the end, on error too.
 
@@ -389,8 +388,8 @@ def launch(cfg: Any) -> Iterator[World]:
     """
     world = world_from_env(cfg)
     if not world.distributed:
-        if getattr(cfg, "fsdp", False) and env_rank() == 0:
-            print("fsdp: a single process has nothing to shard; training without FSDP", flush=True)
+        if getattr(cfg, "fsdp", False):
+            log("fsdp: one process has nothing to shard; training without FSDP (start with torchrun to shard)")
         yield world
         return
     import torch.distributed as dist

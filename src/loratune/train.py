@@ -192,7 +192,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log: An
 
     Under torchrun every rank calls this and the run is data-parallel (see :mod:`loratune.distributed`).
     """
-    with distributed.launch(cfg) as world:
+    with distributed.launch(cfg, log) as world:
         return _train(cfg, world, resume, progress, log if world.is_main else _quiet)
 
 
