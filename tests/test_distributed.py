@@ -180,18 +180,26 @@ def test_one_process_resumes_a_two_rank_checkpoint(runs, mode, capsys):
     assert_same_run(again, runs.single(), atol=1e-4)
 
 
-def test_rank_that_cannot_find_its_data_stops_every_rank(runs, tmp_path):
+@pytest.mark.parametrize("case", ["missing", "different"])
+def test_a_rank_without_the_same_data_stops_every_rank(runs, tmp_path, case):
+    """Rank 1 reads train-1.jsonl, rank 0 train-0.jsonl: rank 1's is missing, or holds other examples."""
     d = runs.d
-    shutil.copy(d / "train.jsonl", tmp_path / "train-0.jsonl")  # rank 1's train-1.jsonl does not exist
+    shutil.copy(d / "train.jsonl", tmp_path / "train-0.jsonl")
+    if case == "different":
+        lines = (d / "train.jsonl").read_text().splitlines(keepends=True)
+        (tmp_path / "train-1.jsonl").write_text("".join(lines[:40]))
     args = _args(d, tmp_path / "out")
     args[args.index("--train-data") + 1] = str(tmp_path / "train-{rank}.jsonl")
     res = torchrun(*args, worker=True)
     assert res.returncode != 0
     errors = [line for line in res.stderr.splitlines() if line.startswith("loratune train: error:")]
-    # rank 0 names the rank that failed; rank 1 prints its own error
-    assert len(errors) == 2 and sum("rank 1 of 2" in e for e in errors) == 1, res.stderr
-    assert all("train-1.jsonl" in e for e in errors), res.stderr
-    assert "exitcode  : 2" in res.stderr  # both ranks stopped with the user-error code, none hung
+    if case == "missing":  # rank 0 names the rank that failed; rank 1 prints its own error
+        assert len(errors) == 2 and sum("rank 1 of 2" in e for e in errors) == 1, res.stderr
+        assert all("train-1.jsonl" in e for e in errors), res.stderr
+    else:  # both ranks detect it; rank 0 prints it
+        assert len(errors) == 1 and "rank 1 of 2" in errors[0] and "different training/eval data" in errors[0], res.stderr
+        assert "40 examples" in errors[0] and "64 examples" in errors[0]
+    assert "exitcode  : 2" in res.stderr  # stopped with the user-error code, none hung
     assert not (tmp_path / "out").exists()
 
 
