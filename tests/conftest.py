@@ -99,6 +99,11 @@ def write_chat_jsonl(path, n: int, seed: int = 0):
 @pytest.fixture
 def tiny_run_dir(tmp_path):
     """A local model dir (tiny Qwen3 + char tokenizer) and train/eval JSONL files, as a user would have them."""
+    return make_run_dir(tmp_path)
+
+
+def make_run_dir(tmp_path):
+    """What :func:`tiny_run_dir` holds, written to ``tmp_path`` (for fixtures of a wider scope)."""
     # initializer_range 0.2 (not 0.02): with hidden size 64, tiny embeddings would cap the logits near ±1 and no
     # adapter could make a confident prediction, so nothing would visibly learn.
     model = make_tiny_qwen3(vocab_size=128, initializer_range=0.2)

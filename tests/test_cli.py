@@ -28,7 +28,8 @@ def test_plan_json_and_errors(tmp_path):
 def _train_tiny(d, out):
     res = run_cli("train", "--model", str(d / "model"), "--train-data", str(d / "train.jsonl"),
                   "--eval-data", str(d / "eval.jsonl"), "--max-steps", "8", "--batch-size", "8", "--lr", "2e-2",
-                  "--threads", "1", "--output-dir", str(out), "--no-progress", "--lora.target_modules", "all-linear")
+                  "--threads", "1", "--output-dir", str(out), "--no-progress", "--lora.target_modules", "all-linear",
+                  "--eval-generate", "0")
     assert res.returncode == 0, res.stderr
     return out / "adapter"
 

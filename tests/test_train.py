@@ -17,7 +17,7 @@ from loratune.train import TrainConfig, lr_factor, train
 
 def _cfg(d: Path, **kw) -> TrainConfig:
     base = dict(model=str(d / "model"), train_data=str(d / "train.jsonl"), eval_data=str(d / "eval.jsonl"),
-                batch_size=8, max_steps=12, lr=5e-3, warmup_ratio=0.0, output_dir=str(d / "out"), threads=1,
+                batch_size=8, max_steps=12, lr=5e-3, warmup_ratio=0.0, output_dir=str(d / "out"), threads=1, eval_generate=0,
                 lora=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     base.update(kw)
     return TrainConfig(**base)
@@ -92,7 +92,7 @@ def _cli_args(d: Path, out: str, steps: int = 24):
     return ["--model", str(d / "model"), "--train-data", str(d / "train.jsonl"), "--eval-data", str(d / "eval.jsonl"),
             "--batch-size", "4", "--max-steps", str(steps), "--lr", "3e-3", "--threads", "1", "--save-every", "4",
             "--keep-last", "2", "--output-dir", out, "--no-progress", "--lora.lora_dropout", "0.1",
-            "--lora.target_modules", "all-linear", "--lora.r", "4"]
+            "--lora.target_modules", "all-linear", "--lora.r", "4", "--eval-generate", "0"]
 
 
 def test_resume_after_sigkill_gives_the_same_adapter(tiny_run_dir):

@@ -76,9 +76,16 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     tensors = adapter_state_dict(model, adapter_name)
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
-    path = Path(path)
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    return write_adapter(tensors, config, path, base_model_name_or_path)
+
+
+def write_adapter(tensors: dict[str, torch.Tensor], config: LoraConfig, path: str | os.PathLike,
+                  base_model_name_or_path: str | None = None) -> Path:
+    """Write PEFT-keyed ``tensors`` (as :func:`adapter_state_dict` gives them) and ``config`` to ``path``,
+    atomically; what :func:`save_adapter` does once it has the tensors."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:

@@ -44,14 +44,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as err:
-        print(f"loratune {args.command}: error: {err}", file=sys.stderr)
+        _error(args.command, err)
         return err.exit_code
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
-        print(f"loratune {args.command}: error: {err}", file=sys.stderr)
+        _error(args.command, err)
         return 2
     except KeyboardInterrupt:
         print(f"loratune {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _error(command: str, err: BaseException) -> None:
+    """The one-line error. Under torchrun an error every rank raises alike is marked ``quiet`` on ranks other
+    than 0, so it is printed once."""
+    if not getattr(err, "quiet", False):
+        print(f"loratune {command}: error: {err}", file=sys.stderr)
 
 
 class UserError(Exception):

@@ -30,12 +30,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import quant
-from .adapters import copy_adapter_tensors, read_adapter, replace_dir, save_adapter
+from . import distributed, quant
+from .adapters import adapter_state_dict, copy_adapter_tensors, read_adapter, replace_dir, write_adapter
 from .config import LoraConfig
 from .data import DataError, PackedBatchSampler, PackingCollator, PaddingCollator, LengthGroupedBatchSampler, \
     iter_records, load_examples, train_eval_split
-from .inject import disable_adapters, inject_adapter, trainable_summary
+from .inject import adapter_configs, disable_adapters, inject_adapter, trainable_summary
 from .layers import LoraLayer
 from .loss import causal_lm_loss, count_trainable_tokens, shift_labels
 from .models import ASSETS, load_model, load_tokenizer, parse_dtype, quantize_base, require_quant_backend
@@ -127,7 +127,9 @@ class TrainConfig:
     output_dir: str = "runs/loratune"
     """Where the adapter, checkpoints, metrics.jsonl and loss.png go."""
     threads: int = 0
-    """CPU threads for torch; 0: all cores."""
+    """CPU threads for torch; 0: all cores (under torchrun: the node's cores shared among its ranks)."""
+    fsdp: bool = False
+    """Under torchrun: shard the frozen base weights across ranks with FSDP2 (for bases too big for one device)."""
 
     def __post_init__(self) -> None:
         choice = {"dtype": ("auto", "bf16", "fp16", "fp32"), "quantize": ("none", "nf4"),
@@ -186,10 +188,22 @@ class TrainResult:
 # The run
 # ==============================================================================================================
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log: Any = print) -> TrainResult:
-    """Run (or, with ``resume``, continue) the training job described by ``cfg``."""
+    """Run (or, with ``resume``, continue) the training job described by ``cfg``.
+
+    Under torchrun every rank calls this and the run is data-parallel (see :mod:`loratune.distributed`).
+    """
+    with distributed.launch(cfg, log) as world:
+        return _train(cfg, world, resume, progress, log if world.is_main else _quiet)
+
+
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    """The log of ranks other than 0."""
+
+
+def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: bool, log: Any) -> TrainResult:
     out = Path(cfg.output_dir)
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(world.threads(cfg.threads))
+    device = world.device
     amp_dtype = autocast_dtype(cfg.autocast, device)
     torch.manual_seed(cfg.seed)
     require_quant_backend(cfg.quantize, device)  # a missing/broken bitsandbytes fails before data or model load
@@ -207,7 +221,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log: An
 
     # -- model: base weights frozen, LoRA injected ------------------------------------------------------------------
     model = load_model(model_path, dtype=weight_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code,
-                       device=device)
+                       device=world.load_device())
     quantize_base(model, cfg.quantize)  # NF4 linears (QLoRA) when cfg.quantize == "nf4"
     inject_adapter(model, cfg.lora)  # B = 0: the model is unchanged until the first step
     if cfg.gradient_checkpointing:
@@ -215,6 +229,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log: An
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     log(trainable_summary(model))
+    world.agree_setup(model, train_set, eval_set)  # under torchrun: stop every rank if any failed so far
+    train_model = world.wrap(model)  # DDP / FSDP2 under torchrun, else the model itself
 
     # -- optimizer and schedule: AdamW over the LoRA parameters only ----------------------------------------------
     params = [p for p in model.parameters() if p.requires_grad]
@@ -226,20 +242,18 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log: An
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0, "seconds": 0.0}
     report: dict[str, Any] = {}
     if resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {out / CHECKPOINTS}")
-        state, report = load_checkpoint(ckpt, model, optimizer, scheduler)
-        log(f"resumed from {ckpt} at step {state['step']}/{total_steps}")
-    elif cfg.eval_generate and eval_records:
+        state, report, where = world.resume(out, model, optimizer, scheduler)
+        log(f"resumed from {where} at step {state['step']}/{total_steps}")
+    elif cfg.eval_generate and eval_records and world.is_main:
         report["before"] = score(model, tokenizer, eval_records[:cfg.eval_generate], cfg)
         log(f"exact match before training (base model): {report['before']['text']}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.yaml").write_text(dump_yaml(cfg))
+    if world.is_main:  # under torchrun only rank 0 writes
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.yaml").write_text(dump_yaml(cfg))
 
-    metrics_file = open(out / "metrics.jsonl", "a" if resume else "w")
+    metrics_file = open(out / "metrics.jsonl" if world.is_main else os.devnull, "a" if resume else "w")
     batches = batch_stream(sampler, collate, state, train_set)
-    bar = make_progress(total_steps, state["step"], enabled=progress)
+    bar = make_progress(total_steps, state["step"], enabled=progress and world.is_main)
     model.train()
     t_start = time.perf_counter() - state["seconds"]
     loss_value = float("nan")
@@ -249,7 +263,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log: An
             # One optimizer step = grad_accum micro-batches. The loss is the sum of token losses over all of them
             # divided by their total trainable tokens, so accumulation equals one big batch.
             micro = [next(batches) for _ in range(cfg.grad_accum)]
-            loss_value, tokens = accumulate_gradients(model, micro, device, amp_dtype)
+            loss_value, tokens = world.accumulate_gradients(train_model, micro, device, amp_dtype)
             state["tokens"] += tokens
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(
@@ -268,13 +282,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log: An
                    "grad_norm": float(grad_norm), "tokens": state["tokens"], "tokens_per_s": state["tokens"] / elapsed,
                    "elapsed_s": elapsed}
             if eval_set is not None and cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < total_steps:
-                row["eval_loss"] = eval_loss = evaluate_loss(model, eval_set, cfg, tokenizer, device, amp_dtype)
+                row["eval_loss"] = eval_loss = world.evaluate_loss(train_model, eval_set, cfg, tokenizer, device, amp_dtype)
             if state["step"] % cfg.log_every == 0 or "eval_loss" in row:
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
             bar.update(row)
             if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < total_steps:
-                save_checkpoint(out, model, optimizer, scheduler, state, report, cfg)
+                world.save_checkpoint(out, model, optimizer, scheduler, state, report, cfg)
     finally:
         bar.close()
         metrics_file.close()
@@ -282,11 +296,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log: An
     # -- the end: held-out loss, adapter, plot, before/after report -----------------------------------------------
     model.eval()
     if eval_set is not None:
-        eval_loss = evaluate_loss(model, eval_set, cfg, tokenizer, device, amp_dtype)
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": state["step"], "eval_loss": eval_loss}) + "\n")
+        eval_loss = world.evaluate_loss(train_model, eval_set, cfg, tokenizer, device, amp_dtype)
+        if world.is_main:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": state["step"], "eval_loss": eval_loss}) + "\n")
         log(f"eval loss after {state['step']} steps: {eval_loss:.4f}")
-    adapter_dir = save_adapter(model, out / "adapter", base_model_name_or_path=cfg.model)
+    adapter_dir = world.save_adapter(model, out / "adapter", cfg.model)
+    if not world.is_main:
+        return TrainResult(out, adapter_dir, state["step"], loss_value, eval_loss, state["tokens"], state["seconds"], report)
     plot_losses(out / "metrics.jsonl", out / "loss.png")
     if cfg.eval_generate and eval_records:
         report["after"] = score(model, tokenizer, eval_records[:cfg.eval_generate], cfg)
@@ -503,20 +520,34 @@ def latest_checkpoint(out: Path) -> Path | None:
 def save_checkpoint(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                     state: dict[str, Any], report: dict[str, Any], cfg: TrainConfig) -> Path:
     """Write ``checkpoints/step-N`` atomically (temp dir, then rename) and keep the newest ``keep_last``."""
+    tensors, groups = flatten_optimizer(optimizer)
+    tensors.update(rng_state())
+    return write_checkpoint(out, adapter_state_dict(model), adapter_configs(model)["default"], tensors, groups,
+                            scheduler, state, report, cfg)
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's torch (and CUDA) RNG state, as checkpoints store it."""
+    out = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["rng.cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def write_checkpoint(out: Path, adapter: dict[str, torch.Tensor], lora_config: LoraConfig,
+                     tensors: dict[str, torch.Tensor], groups: list[dict], scheduler: Any, state: dict[str, Any],
+                     report: dict[str, Any], cfg: TrainConfig) -> Path:
+    """The writing half of :func:`save_checkpoint`, from tensors already at hand (gathered ones under FSDP2)."""
     root = out / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state['step']:07d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
-        save_adapter(model, tmp / "adapter", base_model_name_or_path=cfg.model)
-        tensors, groups = flatten_optimizer(optimizer)
-        tensors["rng.torch"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        write_adapter(adapter, lora_config, tmp / "adapter", base_model_name_or_path=cfg.model)
         save_file(tensors, tmp / "optimizer.safetensors")
         meta = {"state": state, "param_groups": groups, "scheduler": scheduler.state_dict(),
                 "report": {k: v for k, v in report.items()}}
-        meta["scheduler"]["lr_lambdas"] = [None] * len(optimizer.param_groups)  # functions are code, not state
+        meta["scheduler"]["lr_lambdas"] = [None] * len(groups)  # functions are code, not state
         (tmp / "state.json").write_text(json.dumps(meta) + "\n")  # written last: its presence marks a complete checkpoint
         replace_dir(tmp, final)
     except BaseException:
@@ -557,6 +588,8 @@ def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
 def unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list[dict]) -> dict[str, Any]:
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
+        if not key.startswith("state."):
+            continue  # RNG states of other ranks (a checkpoint written under torchrun)
         _, idx, name = key.split(".", 2)
         state.setdefault(int(idx), {})[name] = value
     return {"state": state, "param_groups": groups}

@@ -41,5 +41,9 @@ def run(args: argparse.Namespace) -> int:
     except TrainingDiverged as err:
         from ..cli import UserError
 
-        raise UserError(str(err), exit_code=3) from None
+        from ..distributed import env_rank
+
+        error = UserError(str(err), exit_code=3)
+        error.quiet = env_rank() != 0  # type: ignore[attr-defined]  # under torchrun every rank stops alike
+        raise error from None
     return 0
