@@ -27,7 +27,7 @@ Two parts, every measurement in a fresh subprocess so that no run inherits anoth
    data order. Reported: the train loss over the last 10% of steps, the held-out eval loss, and greedy exact match
    on the 150 held-out examples before and after training. Skipped, with a note, while those assets are missing.
 
-Run (from the repo root; about 15 minutes on 2 cores shared with other jobs, load average 4-7):
+Run (from the repo root; 12-15 minutes on 2 cores shared with other jobs, load average 3-7):
     PYTHONPATH=src .venv/bin/python benchmarks/qlora.py
 Prints a markdown table and notes to stdout (progress to stderr); ``--json FILE`` also writes the raw numbers.
 """
@@ -360,6 +360,7 @@ def main() -> int:
 
     if args.child:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import loratune  # noqa: F401  first, as the CLI does: its environment defaults apply before torch loads
         fn = {"build": child_build, "bf16": child_step_bench, "nf4": child_step_bench,
               "task-bf16": child_task, "task-nf4": child_task}[args.child]
         Path(args.child_out).write_text(json.dumps(fn(args)))
