@@ -129,7 +129,7 @@ def test_sweep_cli(tiny_run_dir):
     args = [sys.executable, "-m", "loratune", "sweep", "--ranks", "1,2", "--model", str(d / "model"),
             "--train-data", str(d / "train.jsonl"), "--eval-data", str(d / "eval.jsonl"), "--max-steps", "4",
             "--batch-size", "8", "--lr", "2e-2", "--threads", "1", "--lora.target_modules", "all-linear",
-            "--alpha-rule", "rslora", "--output-dir", str(d / "cli"), "--no-progress"]
+            "--alpha-rule", "rslora", "--output-dir", str(d / "cli"), "--no-progress", "--eval-generate", "0"]
     res = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     assert "recommended r = " in res.stdout and "| r " in res.stdout and "sweep.png" in res.stdout
