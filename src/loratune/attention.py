@@ -109,7 +109,10 @@ def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     gqa = query.shape[1] != key.shape[1]
-    outs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout,
-                                           scale=scaling, is_causal=True, enable_gqa=gqa)
-            for s, e in zip(bounds[:-1], bounds[1:])]                          # [1, Hq, lᵢ, D] each
-    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None          # [1, T, Hq, D]
+    lens = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    # torch.split, not slicing: its backward concatenates the pieces' gradients once, where n slices would each
+    # scatter into a zero-filled [1, H, T, D] gradient that is then summed.
+    outs = [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True,
+                                           enable_gqa=gqa).transpose(1, 2)    # [1, lᵢ, Hq, D] each
+            for q, k, v in zip(query.split(lens, 2), key.split(lens, 2), value.split(lens, 2))]
+    return torch.cat(outs, dim=1), None                                        # [1, T, Hq, D], one copy
