@@ -150,3 +150,10 @@ def gemm_peak(seconds: float = 4.0, n: int = 2048, threads: int | None = None) -
 def peak_rss_mib() -> float:
     """Peak resident set size of this process in MiB (Linux: ru_maxrss is in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+if __name__ == "__main__":  # python bench_setup.py gemm-peak THREADS  → prints GFLOP/s
+    import sys
+
+    if sys.argv[1:2] == ["gemm-peak"]:
+        print(f"RESULT {gemm_peak(threads=int(sys.argv[2]))}")
