@@ -166,3 +166,67 @@ def test_several_adapters_add_up():
 def test_rejects_unsupported_module():
     with pytest.raises(TypeError, match="Linear, Conv1D and Embedding"):
         LoraLayer(nn.LayerNorm(4))
+
+
+# -- the fused LoRA Function against the unfused autograd expression and a float64 reference ----------------------
+def _fused_vs_unfused(dtype, autocast, dropout, base_grad, seed=0):
+    """(unfused, fused) output, input gradient and parameter gradients for the same layer, input, dropout mask, g."""
+    torch.manual_seed(seed)
+    layer = LoraLayer(nn.Linear(64, 48, dtype=dtype))
+    layer.add_adapter("a", r=4, alpha=6, dropout=dropout)  # s = 1.5: not a power of two, so rounding shows
+    layer.active = ["a"]
+    with torch.no_grad():
+        layer.lora_B["a"].normal_()
+    layer.weight.requires_grad_(base_grad)
+    layer.bias.requires_grad_(base_grad)
+    layer.train()
+    x = torch.randn(2, 7, 64, dtype=dtype)
+    g = torch.randn(2, 7, 48)
+    out = {}
+    for fused in (False, True):
+        layer.fused = fused
+        torch.manual_seed(1)  # same dropout mask
+        xx = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(xx)
+        y.backward(g.to(y.dtype))
+        out[fused] = (y.detach(), xx.grad, {n: p.grad for n, p in layer.named_parameters() if p.grad is not None})
+        for p in layer.parameters():
+            p.grad = None
+    layer.fused = True
+    return out[False], out[True]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("base_grad", [False, True])
+def test_fused_matches_unfused_fp32(dropout, base_grad):
+    """fp32: fused output and every gradient equal the unfused autograd expression to float rounding (abs error
+    ≤ 1e-6 × the largest entry: the two sum in different orders)."""
+    (y0, dx0, g0), (y1, dx1, g1) = _fused_vs_unfused(torch.float32, False, dropout, base_grad)
+    assert g1.keys() == g0.keys() == ({"lora_A.a", "lora_B.a"} | ({"weight", "bias"} if base_grad else set()))
+    for a, b in [(y1, y0), (dx1, dx0)] + [(g1[k], g0[k]) for k in g0]:
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype, autocast", [(torch.bfloat16, True), (torch.float32, True), (torch.bfloat16, False)])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_matches_unfused_low_precision(dtype, autocast, dropout):
+    """bf16 base and/or autocast: same dtypes as unfused; values within bf16 rounding (rtol 2⁻⁶ of the largest
+    entry: the fused path rounds once where the unfused one rounds up to three times)."""
+    (y0, dx0, g0), (y1, dx1, g1) = _fused_vs_unfused(dtype, autocast, dropout, False)
+    assert (y1.dtype, dx1.dtype) == (y0.dtype, dx0.dtype) and g1.keys() == g0.keys()
+    for a, b in [(y1, y0), (dx1, dx0)] + [(g1[k], g0[k]) for k in g0]:
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=2 ** -6 * b.float().abs().max().item())
+
+
+def test_fused_path_is_taken_only_where_it_applies():
+    base, layer = _linear_layer()
+    x = torch.randn(3, 16, requires_grad=True)
+    assert type(layer(x).grad_fn).__name__ == "LoraLinearFunctionBackward"
+    layer.add_adapter("b", r=2, alpha=2)
+    layer.active = ["a", "b"]  # several adapters: unfused
+    assert type(layer(x).grad_fn).__name__ != "LoraLinearFunctionBackward"
+    layer.active = ["a"]
+    layer.merge()  # merged: the base alone
+    torch.testing.assert_close(layer(x), layer.unwrapped()(x))

@@ -215,6 +215,23 @@ def test_bfloat16_close_to_naive_bfloat16():
     assert gh.dtype == torch.bfloat16 and rel_err(gh, gh_ref) < 1e-2
 
 
+def test_bfloat16_gradient_is_the_rounded_fp32_softmax_gradient():
+    """The chunk loop never materialises upcast logits, yet its hidden-state gradient is exactly (bitwise) the
+    straightforward one: fp32 softmax − one-hot, rounded once to bf16, times W."""
+    h, w, _, labels = make_inputs(seed=10)
+    h, w = h.bfloat16(), w.bfloat16()
+    targets = shift_labels(labels)
+    mask = targets != IGNORE_INDEX
+    hs, t = h[mask], targets[mask]
+    logits = F.linear(hs, w).float()
+    shifted = (logits - logits.amax(-1, keepdim=True)).exp()
+    probs = shifted / shifted.sum(-1, keepdim=True)
+    probs[torch.arange(len(t)), t] -= 1.0
+    want = probs.to(torch.bfloat16) @ w
+    _, (gh,), _ = grads(lambda h: causal_lm_loss(h, w, labels, chunk_size=4, reduction="sum"), h)
+    assert torch.equal(gh[mask], want) and not gh[~mask].any()
+
+
 def test_no_grad_mode():
     h, w, _, labels = make_inputs(seed=10)
     hl = h.clone().requires_grad_(True)

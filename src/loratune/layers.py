@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import quant
+from .fused import LoraLinearFunction
 
 LINEAR, CONV1D, EMBEDDING = "linear", "conv1d", "embedding"
 
@@ -45,7 +46,12 @@ class LoraLayer(nn.Module):
     Each adapter ``a`` holds ``lora_A[a]`` (r×in, Gaussian or Kaiming at init) and ``lora_B[a]`` (out×r, zero at
     init) with scaling ``s_a``. Active, unmerged adapters add ``s·B·(A·x)`` to the base output; B·A is never formed
     in the forward pass. Merged adapters live inside ``weight`` instead.
+
+    A plain Linear base with one active adapter runs as one fused autograd Function (:mod:`loratune.fused`); set
+    ``fused = False`` (on the class or a layer) for the unfused autograd expression, which every case can take.
     """
+
+    fused = True
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
@@ -112,6 +118,13 @@ class LoraLayer(nn.Module):
         return F.embedding(x, self.weight, b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and self.kind == LINEAR and len(self.active) == 1 and not self.disabled:
+            name = self.active[0]
+            if name not in self.merged and name in self.lora_A and not quant.is_quantized(self.weight):
+                drop = self.lora_dropout[name]
+                x_d = drop(x) if isinstance(drop, nn.Dropout) and self.training else None
+                return LoraLinearFunction.apply(x, x_d, self.weight, self.bias, self.lora_A[name], self.lora_B[name],
+                                                self.scaling[name])
         result = self._base_forward(x)  # [..., out]
         if self.disabled:
             return result

@@ -122,6 +122,18 @@ def _softmax_inplace(logits: Tensor) -> Tensor:
     return (total.log_() + m).squeeze(1)
 
 
+def _exp_shifted(raw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For raw logits [c, V] in any float dtype: (exp(raw − max) in the accumulation dtype [c, V], its row sums
+    [c, 1], the log-sum-exp [c]). Two passes over [c, V] besides the exp; the max is taken on the raw values and
+    the subtraction upcasts (bf16 − fp32 → fp32), so no separate upcast copy of the logits is made."""
+    acc = _acc_dtype(raw.dtype)
+    m = raw.amax(dim=-1, keepdim=True).to(acc)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = raw.sub_(m) if raw.dtype == acc else torch.sub(raw, m)
+    norm = e.exp_().sum(dim=-1, keepdim=True)
+    return e, norm, (norm.log() + m).squeeze(1)
+
+
 class _LinearCrossEntropySum(torch.autograd.Function):
     """Σ_i CE(h_i·Wᵀ + b, t_i) as an fp32 scalar; gradients computed during forward, scaled in backward."""
 
@@ -138,14 +150,21 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         grad_b = torch.zeros(b.shape, dtype=acc, device=b.device) if need_b else None
         for s in range(0, h.shape[0], chunk_size):
             hc, tc = h[s: s + chunk_size], targets[s: s + chunk_size]
-            logits = _chunk_logits(hc, w, b)                                    # [c, V] fp32
-            target_logit = logits.gather(1, tc[:, None]).squeeze(1)             # [c]
-            lse = _softmax_inplace(logits)                                      # [c]; logits now softmax
+            rows = torch.arange(hc.shape[0], device=h.device)
+            raw = F.linear(hc, w, b)                                            # [c, V], matmul dtype
+            target_logit = raw[rows, tc].to(acc)                                # [c]
+            e, norm, lse = _exp_shifted(raw)                                    # e: [c, V] acc, unnormalised
             total += (lse - target_logit).sum()
+            del raw
             if need_h or need_w or need_b:
-                g = logits
-                g[torch.arange(g.shape[0], device=g.device), tc] -= 1.0        # d CE / d logits
-                g_mm = g.to(h.dtype)                                            # the .float() backward cast
+                # d CE / d logits = softmax − one-hot, computed in acc and rounded once to the matmul dtype (what
+                # autograd's backward of the naive ``.float()`` would produce), in as few passes as possible.
+                at_target = e[rows, tc] / norm[:, 0] - 1.0                      # [c] acc
+                if e.dtype == h.dtype:
+                    g_mm = e.div_(norm)                                         # [c, V] softmax, in place
+                else:
+                    g_mm = torch.div(e, norm, out=torch.empty(e.shape, dtype=h.dtype, device=h.device))
+                g_mm[rows, tc] = at_target.to(h.dtype)
                 if need_h:
                     torch.matmul(g_mm, w, out=grad_h[s: s + chunk_size])        # [c, H]
                 if need_w:
@@ -155,8 +174,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                         grad_w += (g_mm.t() @ hc).to(acc)
                 if need_b:
                     grad_b += g_mm.to(acc).sum(0)
-                del g, g_mm
-            del logits
+                del g_mm
+            del e
         ctx.grads = (grad_h,
                      grad_w.to(w.dtype) if grad_w is not None else None,
                      grad_b.to(b.dtype) if grad_b is not None else None)

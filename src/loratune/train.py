@@ -33,6 +33,7 @@ from torch import nn
 from . import distributed, quant
 from .adapters import adapter_state_dict, copy_adapter_tensors, read_adapter, replace_dir, write_adapter
 from .config import LoraConfig
+from .attention import use_varlen_attention, varlen_kwargs
 from .data import DataError, PackedBatchSampler, PackingCollator, PaddingCollator, LengthGroupedBatchSampler, \
     iter_records, load_examples, train_eval_split
 from .inject import adapter_configs, disable_adapters, inject_adapter, trainable_summary
@@ -224,6 +225,8 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
                        device=world.load_device())
     quantize_base(model, cfg.quantize)  # NF4 linears (QLoRA) when cfg.quantize == "nf4"
     inject_adapter(model, cfg.lora)  # B = 0: the model is unchanged until the first step
+    if cfg.packing:
+        use_varlen_attention(model)  # per-example causal attention in packed rows, no [T, T] mask
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing works with a frozen input embedding (no input-grad hooks needed).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -434,6 +437,7 @@ def batch_loss(model: nn.Module, batch: dict[str, Any], device: torch.device) ->
     kwargs: dict[str, Any] = {"use_cache": False}
     if pos is not None:
         kwargs["position_ids"] = pos.to(device)                              # [1, T], restarting per example
+        kwargs.update(varlen_kwargs(model, batch, device))                   # example boundaries, if used
     else:
         kwargs["attention_mask"] = batch["attention_mask"].to(device)        # [B, T]
     head, bias = lm_head_weight(model)

@@ -1,0 +1,85 @@
+"""The LoRA linear layer's forward and backward as one autograd Function, keeping only what backward needs.
+
+Computes ``y = x·Wᵀ + b + s·(x_d·Aᵀ)·Bᵀ`` (``x_d``: the LoRA branch's input, ``x`` or ``dropout(x)``) for a plain
+(not quantized) base weight W: out×in, A: r×in, B: out×r. Compared with the same expression in autograd ops:
+
+* forward: the update is added into the base output in place (``addmm_``) with s folded into B (an out×r
+  product), so no [tokens × out] temporaries for ``h·Bᵀ``, ``·s`` and ``+``;
+* backward: ``dx = g·W + (g·sB)·A`` accumulates into one buffer (no separate LoRA input gradient plus an add);
+  A and B get their gradients (``dA = (g·sB)ᵀ·x_d``, ``dB = s·gᵀ·h``); W and b only if they require grad;
+* saved: x_d as it came (for dA; the tensor the base matmul reads anyway when there is no dropout) and
+  h = x_d·Aᵀ (tokens × r). When the LoRA branch computes in another dtype than x (fp32 adapters on a bf16 base
+  without autocast), x_d is cast again in backward instead of keeping an fp32 copy.
+
+Dtypes follow the unfused layer: the base matmul runs in autocast's dtype when autocast is on (else in x's), the
+LoRA matmuls in autocast's dtype (else in the adapter's), gradients come back in each input's dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _compute_dtypes(x: Tensor, lora_A: Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """(base dtype, LoRA dtype) as autocast or the unfused layer would pick them."""
+    if torch.is_autocast_enabled(x.device.type):
+        amp = torch.get_autocast_dtype(x.device.type)
+        return amp, amp
+    return x.dtype, lora_A.dtype
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """``LoraLinearFunction.apply(x, x_d, W, b, A, B, s)``; ``x_d`` None when the LoRA branch reads x itself."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, x_d: Tensor | None, weight: Tensor, bias: Tensor | None, lora_A: Tensor,
+                lora_B: Tensor, scaling: float) -> Tensor:
+        base_dt, lora_dt = _compute_dtypes(x, lora_A)
+        shape = x.shape
+        with torch.autocast(x.device.type, enabled=False):
+            xb = x.reshape(-1, shape[-1]).to(base_dt)                          # [N, in]
+            y = F.linear(xb, weight.to(base_dt), None if bias is None else bias.to(base_dt))  # [N, out]
+            xl = xb if x_d is None else x_d.reshape(-1, shape[-1]).to(base_dt)  # LoRA input, saved as is
+            a, sb = lora_A.to(lora_dt), (lora_B * scaling).to(lora_dt)         # r×in, out×r
+            h = xl.to(lora_dt) @ a.t()                                         # [N, r]
+            if y.dtype == lora_dt:
+                y.addmm_(h, sb.t())                                            # y += h·(sB)ᵀ, in place
+            else:
+                y += (h @ sb.t()).to(y.dtype)
+        ctx.save_for_backward(xb if weight.requires_grad else None, xl, h, weight, lora_A, lora_B)
+        ctx.meta = (shape, x.dtype, None if x_d is None else x_d.dtype, None if bias is None else bias.dtype, base_dt,
+                    lora_dt, scaling)
+        return y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        xb, xl, h, weight, lora_A, lora_B = ctx.saved_tensors
+        shape, x_dtype, xd_dtype, bias_dtype, base_dt, lora_dt, scaling = ctx.meta
+        need_x, need_xd, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:6]
+        g = grad.reshape(-1, grad.shape[-1])                                   # [N, out]
+        gb = g.to(base_dt)
+        gl = g.to(lora_dt)
+        a, sb = lora_A.to(lora_dt), (lora_B * scaling).to(lora_dt)
+        gh = gl @ sb if (need_x or need_xd or need_a) else None               # [N, r]
+        dx = dxd = dw = db = da = dbb = None
+        if need_x:
+            dx = gb @ weight.to(base_dt)                                       # [N, in]
+        if need_x and xd_dtype is None:                                        # LoRA input is x: accumulate
+            if dx.dtype == lora_dt:
+                dx.addmm_(gh, a)
+            else:
+                dx += (gh @ a).to(dx.dtype)
+        if need_xd:
+            dxd = (gh @ a).to(xd_dtype).view(*shape)
+        if need_a:
+            da = (gh.t() @ xl.to(lora_dt)).to(lora_A.dtype)                    # r×in
+        if need_bb:
+            dbb = ((gl.t() @ h) * scaling).to(lora_B.dtype)                    # out×r
+        if need_w:
+            dw = (gb.t() @ xb).to(weight.dtype)
+        if need_b:
+            db = gb.sum(0).to(bias_dtype)
+        if dx is not None:
+            dx = dx.to(x_dtype).view(*shape)
+        return dx, dxd, dw, db, da, dbb, None
