@@ -29,28 +29,37 @@ def _compute_dtypes(x: Tensor, lora_A: Tensor) -> tuple[torch.dtype, torch.dtype
     return x.dtype, lora_A.dtype
 
 
+def lora_linear_forward(x: Tensor, x_d: Tensor | None, weight: Tensor, bias: Tensor | None, lora_A: Tensor,
+                        lora_B: Tensor, scaling: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The forward math without autograd: (y [..., out], x as the base read it [N, in], the LoRA input [N, in],
+    h [N, r]). Used as is when no gradient is needed (inference), and by :class:`LoraLinearFunction`."""
+    base_dt, lora_dt = _compute_dtypes(x, lora_A)
+    shape = x.shape
+    with torch.autocast(x.device.type, enabled=False):
+        xb = x.reshape(-1, shape[-1]).to(base_dt)                              # [N, in]
+        y = F.linear(xb, weight.to(base_dt), None if bias is None else bias.to(base_dt))  # [N, out]
+        xl = xb if x_d is None else x_d.reshape(-1, shape[-1]).to(base_dt)      # LoRA input, saved as is
+        a, sb = lora_A.to(lora_dt), (lora_B * scaling).to(lora_dt)             # r×in, out×r
+        h = xl.to(lora_dt) @ a.t()                                             # [N, r]
+        if y.dtype == lora_dt:
+            y.addmm_(h, sb.t())                                                # y += h·(sB)ᵀ, in place
+        else:
+            y += (h @ sb.t()).to(y.dtype)
+    return y.view(*shape[:-1], y.shape[-1]), xb, xl, h
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """``LoraLinearFunction.apply(x, x_d, W, b, A, B, s)``; ``x_d`` None when the LoRA branch reads x itself."""
 
     @staticmethod
     def forward(ctx, x: Tensor, x_d: Tensor | None, weight: Tensor, bias: Tensor | None, lora_A: Tensor,
                 lora_B: Tensor, scaling: float) -> Tensor:
+        y, xb, xl, h = lora_linear_forward(x, x_d, weight, bias, lora_A, lora_B, scaling)
         base_dt, lora_dt = _compute_dtypes(x, lora_A)
-        shape = x.shape
-        with torch.autocast(x.device.type, enabled=False):
-            xb = x.reshape(-1, shape[-1]).to(base_dt)                          # [N, in]
-            y = F.linear(xb, weight.to(base_dt), None if bias is None else bias.to(base_dt))  # [N, out]
-            xl = xb if x_d is None else x_d.reshape(-1, shape[-1]).to(base_dt)  # LoRA input, saved as is
-            a, sb = lora_A.to(lora_dt), (lora_B * scaling).to(lora_dt)         # r×in, out×r
-            h = xl.to(lora_dt) @ a.t()                                         # [N, r]
-            if y.dtype == lora_dt:
-                y.addmm_(h, sb.t())                                            # y += h·(sB)ᵀ, in place
-            else:
-                y += (h @ sb.t()).to(y.dtype)
         ctx.save_for_backward(xb if weight.requires_grad else None, xl, h, weight, lora_A, lora_B)
-        ctx.meta = (shape, x.dtype, None if x_d is None else x_d.dtype, None if bias is None else bias.dtype, base_dt,
-                    lora_dt, scaling)
-        return y.view(*shape[:-1], y.shape[-1])
+        ctx.meta = (x.shape, x.dtype, None if x_d is None else x_d.dtype, None if bias is None else bias.dtype,
+                    base_dt, lora_dt, scaling)
+        return y
 
     @staticmethod
     def backward(ctx, grad: Tensor):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import quant
-from .fused import LoraLinearFunction
+from .fused import LoraLinearFunction, lora_linear_forward
 
 LINEAR, CONV1D, EMBEDDING = "linear", "conv1d", "embedding"
 
@@ -123,8 +123,10 @@ class LoraLayer(nn.Module):
             if name not in self.merged and name in self.lora_A and not quant.is_quantized(self.weight):
                 drop = self.lora_dropout[name]
                 x_d = drop(x) if isinstance(drop, nn.Dropout) and self.training else None
-                return LoraLinearFunction.apply(x, x_d, self.weight, self.bias, self.lora_A[name], self.lora_B[name],
-                                                self.scaling[name])
+                args = (x, x_d, self.weight, self.bias, self.lora_A[name], self.lora_B[name], self.scaling[name])
+                if torch.is_grad_enabled():
+                    return LoraLinearFunction.apply(*args)
+                return lora_linear_forward(*args)[0]  # inference: the same math without autograd bookkeeping
         result = self._base_forward(x)  # [..., out]
         if self.disabled:
             return result
