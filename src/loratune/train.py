@@ -414,7 +414,32 @@ def accumulate_gradients(model: nn.Module, micro: list[dict[str, Any]], device: 
         (loss / max(n_tokens, 1)).backward()
         loss_sum += loss.item()
         tokens += int(mb["input_ids"].numel() if "position_ids" in mb else mb["attention_mask"].sum())
+        del loss
+        release_free_memory(device)
     return loss_sum / max(n_tokens, 1), tokens
+
+
+_LIBC: Any = None
+
+
+def release_free_memory(device: torch.device) -> None:
+    """On CPU with glibc, hand the heap's free pages back to the OS (``malloc_trim``) after a micro-batch.
+
+    glibc keeps freed activation buffers (mostly below its 32 MiB mmap threshold) in the heap, fragmented, so the
+    next micro-batch's peak lands on top of them: on Qwen3-0.6B that is 0.6 GB more peak RSS per step, for no speed
+    (measured: same step time with and without). Elsewhere (CUDA, other C libraries) this does nothing."""
+    global _LIBC
+    if device.type != "cpu" or not sys.platform.startswith("linux"):
+        return
+    if _LIBC is None:
+        import ctypes
+
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC(0)
 
 
 def batch_loss(model: nn.Module, batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, int]:
