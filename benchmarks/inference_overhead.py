@@ -6,7 +6,9 @@ q/k/v/o with random non-zero B (an adapter after training, not the zero update o
 variants alternating in every repeat (medians reported):
 
 * prefill: one forward over a [1, --prefill] prompt without cache → tokens/s;
-* decode: greedy generation of --new tokens after a 32-token prompt with the KV cache → ms per new token.
+* decode: greedy decoding of --new tokens after a 32-token prompt with the KV cache, one forward per token, the
+  variants taking turns token by token (so all see the same load); each forward timed → the median ms per token,
+  and the median over tokens of each variant's time ÷ the base's time for the same token position.
 
     PYTHONPATH=src python benchmarks/inference_overhead.py [--threads 2] [--repeats 5]
 """
@@ -69,11 +71,17 @@ def prefill_s(model, ids) -> float:
 
 
 @torch.no_grad()
-def decode_s_per_token(model, prompt, new: int) -> float:
-    t = time.perf_counter()
-    out = model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)
-    assert out.shape[1] == prompt.shape[1] + new
-    return (time.perf_counter() - t) / new
+def decode_interleaved(models: dict, prompt, new: int) -> dict[str, list[float]]:
+    """Seconds of each greedy single-token forward with the KV cache, the models taking turns token by token."""
+    outs = {k: m(input_ids=prompt, use_cache=True) for k, m in models.items()}
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for i in range(new):
+        for k in (list(models) if i % 2 == 0 else list(models)[::-1]):
+            token = outs[k].logits[:, -1:].argmax(-1)
+            t = time.perf_counter()
+            outs[k] = models[k](input_ids=token, cache=outs[k].cache, use_cache=True)
+            times[k].append(time.perf_counter() - t)
+    return times
 
 
 def main() -> None:
@@ -81,7 +89,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--prefill", type=int, default=512)
-    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--cache-dir", default="/tmp/loratune-bench")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -94,24 +102,27 @@ def main() -> None:
     err = (models["merged (loratune)"](input_ids=ids[:, :64], use_cache=False).logits.float() - ref).abs().max()
     for m in models.values():  # warm-up
         prefill_s(m, ids[:, :64])
-        decode_s_per_token(m, prompt, 2)
+    decode_interleaved(models, prompt, 4)
     pre = {k: [] for k in models}
     dec = {k: [] for k in models}
     for rep in range(a.repeats):
         names = list(models) if rep % 2 == 0 else list(models)[::-1]
         for k in names:
             pre[k].append(prefill_s(models[k], ids))
-            dec[k].append(decode_s_per_token(models[k], prompt, a.new))
+        for k, t in decode_interleaved(models, prompt, a.new).items():
+            dec[k] += t
     peak = bs.gemm_peak(threads=a.threads)
     base_pre, base_dec = statistics.median(pre["base"]), statistics.median(dec["base"])
-    print(f"\n{a.threads} threads, {a.repeats} alternating repeats (medians); prefill [1, {a.prefill}] tokens, decode "
-          f"{a.new} new tokens after a 32-token prompt (greedy, KV cache), bf16 weights; bf16 GEMM peak "
+    print(f"\n{a.threads} threads, {a.repeats} alternating repeats; prefill [1, {a.prefill}] tokens (median of the "
+          f"repeats), decode {a.new} new tokens per repeat after a 32-token prompt (greedy, KV cache; median over "
+          f"all {a.repeats * a.new} token steps), bf16 weights; bf16 GEMM peak "
           f"{peak:.0f} GFLOP/s; max |logit| difference merged vs unmerged {err:.3g}\n")
-    print("| model | prefill tokens/s | prefill time vs base | decode ms/token | decode time vs base |")
+    print("| model | prefill tokens/s | prefill time vs base | decode ms/token | decode time vs base (paired) |")
     print("|---|---:|---:|---:|---:|")
     for k in models:
         p, d = statistics.median(pre[k]), statistics.median(dec[k])
-        print(f"| {k} | {a.prefill / p:.1f} | {p / base_pre - 1:+.1%} | {1000 * d:.1f} | {d / base_dec - 1:+.1%} |")
+        paired = statistics.median(x / y for x, y in zip(dec[k], dec["base"]))
+        print(f"| {k} | {a.prefill / p:.1f} | {p / base_pre - 1:+.1%} | {1000 * d:.1f} | {paired - 1:+.1%} |")
 
 
 if __name__ == "__main__":

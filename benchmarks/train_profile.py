@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=2000)
     ap.add_argument("--rows", default="", help="example indices to pack (default: 4 examples near 400 tokens)")
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--only", default="", help="list top ops of categories containing this text")
     ap.add_argument("--cache-dir", default="/tmp/loratune-bench")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -106,7 +107,7 @@ def main() -> None:
     for c, sec in cats.most_common():
         print(f"| {c} | {sec:.2f} | {100 * sec / total:.0f}% |")
     print(f"\n| top ops | seconds |\n|---|---:|")
-    for (c, name, shapes), sec in ops.most_common(a.top):
+    for (c, name, shapes), sec in [x for x in ops.most_common() if a.only in x[0][0]][: a.top]:
         print(f"| {name} {shapes} | {sec:.2f} |")
 
 
