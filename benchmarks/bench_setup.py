@@ -96,16 +96,23 @@ def prepare(cache: Path, n_examples: int, seed: int = 0) -> Path:
     return cache
 
 
-def schedule(lengths: list[int], per_step: int, seed: int) -> list[list[int]]:
-    """Optimizer steps as lists of example indices, ordered like transformers' ``group_by_length``
-    (``LengthGroupedSampler`` with one mega-batch: longest first, so each step holds similar lengths), the step
-    order shuffled with ``seed``; the step with the fewest tokens goes first (it is the warm-up step)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    steps = [order[s: s + per_step] for s in range(0, len(order) - per_step + 1, per_step)]
-    random.Random(seed).shuffle(steps)
-    first = min(range(len(steps)), key=lambda k: sum(lengths[i] for i in steps[k]))
-    steps.insert(0, steps.pop(first))
-    return steps
+def schedule(lengths: list[int], per_step: int, steps: int, seed: int) -> list[list[int]]:
+    """``steps`` + 1 optimizer steps (lists of example indices) as transformers' ``group_by_length`` forms them on
+    the whole data set: shuffle, cut into mega-batches of 50 steps, sort each by length (longest first), cut into
+    steps. Then ``steps`` + 1 of them are drawn at random (so lengths, and padding, are those of a real run), and
+    the one with the fewest tokens goes first: it is the warm-up step."""
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    mega = 50 * per_step
+    all_steps = []
+    for m in range(0, len(order) - mega + 1, mega):
+        group = sorted(order[m: m + mega], key=lambda i: -lengths[i])
+        all_steps += [group[s: s + per_step] for s in range(0, mega, per_step)]
+    chosen = rng.sample(all_steps, steps + 1)
+    first = min(range(len(chosen)), key=lambda k: sum(lengths[i] for i in chosen[k]))
+    chosen.insert(0, chosen.pop(first))
+    return chosen
 
 
 # -------------------------------------------------------------------------------------------------- FLOPs
@@ -139,7 +146,7 @@ def gemm_peak(seconds: float = 4.0, n: int = 2048, threads: int | None = None) -
     rates, end = [], time.perf_counter() + seconds
     while time.perf_counter() < end:
         t0, k = time.perf_counter(), 0
-        while time.perf_counter() - t0 < 0.5:
+        while time.perf_counter() - t0 < min(0.5, seconds):
             a @ b
             k += 1
         rates.append(2 * n ** 3 * k / (time.perf_counter() - t0) / 1e9)

@@ -7,7 +7,9 @@ it prints one JSON line: per-step seconds, real (non-padding) tokens and scored 
 
 * ``loratune``: loratune's training path (``loratune.train``): packed rows of at most ``micro`` examples and
   ``micro × 1024`` tokens (best-fit, ``PackedBatchSampler``), ``accumulate_gradients`` (decoder without LM head,
-  chunked CE at labelled positions), per-example attention, bf16 weights, bf16 autocast.
+  chunked CE at labelled positions), per-example attention, fused LoRA layers, bf16 weights, bf16 autocast, and
+  (as in ``recipes/qwen3-0.6b-lora.yaml``; ``--no-compile`` to turn off) the regional torch.compile of norms and
+  MLPs, whose compiling happens in the untimed warm-up step.
 * ``peft_trainer``: PEFT ``get_peft_model`` + ``transformers.Trainer`` (CPU, ``bf16``), micro-batches of
   ``micro`` examples padded to their longest, completion-only labels (-100 on prompt and padding), gradient
   accumulation to the same examples per step, in the plan's length-grouped order.
@@ -57,6 +59,14 @@ def vm_hwm_mib() -> float | None:
     return None
 
 
+PROBES: list[float] = []
+
+
+def probe() -> None:
+    """bf16 GEMM rate right now (about a second, untimed): the machine's speed while this step runs."""
+    PROBES.append(bs.gemm_peak(seconds=1.0))
+
+
 def load_examples(plan: dict) -> list:
     from loratune.data import load_examples as load
     from loratune.models import load_tokenizer
@@ -79,8 +89,9 @@ def result(step_seconds: list[float], steps: list[list[int]], examples, extra: d
 
 
 # ------------------------------------------------------------------------------------------------ loratune
-def run_loratune(plan: dict) -> dict:
+def run_loratune(plan: dict, compile_blocks: bool) -> dict:
     from loratune.attention import use_varlen_attention
+    from loratune.compile import compile_available, compile_regions
     from loratune.config import LoraConfig
     from loratune.data import PackedBatchSampler, PackingCollator
     from loratune.inject import inject_adapter
@@ -93,6 +104,7 @@ def run_loratune(plan: dict) -> dict:
     model = load_model(plan["model"], dtype=torch.bfloat16)
     inject_adapter(model, LoraConfig(r=bs.LORA_R, lora_alpha=bs.LORA_ALPHA, lora_dropout=0.0, target_modules=bs.TARGETS))
     use_varlen_attention(model)
+    compiled = compile_blocks and compile_available(device) and compile_regions(model)
     model.config.use_cache = False
     model.train()
     load_s = time.perf_counter() - t0
@@ -102,7 +114,9 @@ def run_loratune(plan: dict) -> dict:
     collate = PackingCollator(budget)
     reset_peak_rss()
     times, rows = [], []
-    for step in plan["steps"]:
+    for k, step in enumerate(plan["steps"]):
+        if k:
+            probe()
         t = time.perf_counter()
         packs = PackedBatchSampler([len(examples[i]) for i in step], budget, seed=0,
                                    max_examples=plan["micro"]).batches(0)
@@ -113,7 +127,8 @@ def run_loratune(plan: dict) -> dict:
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
         rows.append(len(micro))
-    return result(times, plan["steps"], examples, {"load_s": load_s, "micro_batches": rows})
+    return result(times, plan["steps"], examples, {"load_s": load_s, "micro_batches": rows,
+                                                   "compiled_modules": int(compiled or 0)})
 
 
 # ----------------------------------------------------------------------------------------------------- PEFT
@@ -165,15 +180,20 @@ def run_peft_trainer(plan: dict, cfg: dict) -> dict:
     load_s = time.perf_counter() - t0
     items = flat_items(plan, examples)
     accum = len(plan["steps"][0]) // plan["micro"]
-    marks: list[float] = []
+    starts: list[float] = []
+    times: list[float] = []
 
     class Clock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
             reset_peak_rss()
-            marks.append(time.perf_counter())
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step:
+                probe()
+            starts.append(time.perf_counter())
 
         def on_step_end(self, args, state, control, **kw):
-            marks.append(time.perf_counter())
+            times.append(time.perf_counter() - starts[-1])
 
     class InOrder(Trainer):
         # The plan's order already is group_by_length's (longest-first within one mega-batch, steps shuffled):
@@ -191,7 +211,6 @@ def run_peft_trainer(plan: dict, cfg: dict) -> dict:
         trainer = InOrder(model=model, args=args, train_dataset=items, data_collator=PadCollator(tok.pad_token_id),
                           callbacks=[Clock()])
         trainer.train()
-    times = [b - a for a, b in zip(marks, marks[1:])]
     return result(times, plan["steps"], examples, {"load_s": load_s, "config": cfg_name(cfg)})
 
 
@@ -210,7 +229,9 @@ def run_peft_loop(plan: dict, cfg: dict) -> dict:
     amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cfg["autocast"] else contextlib.nullcontext
     reset_peak_rss()
     times, pos = [], 0
-    for step in plan["steps"]:
+    for k, step in enumerate(plan["steps"]):
+        if k:
+            probe()
         t = time.perf_counter()
         mine, pos = items[pos: pos + len(step)], pos + len(step)
         micro = [collate(mine[j: j + plan["micro"]]) for j in range(0, len(mine), plan["micro"])]
@@ -230,23 +251,31 @@ def cfg_name(cfg: dict) -> str:
     return next(k for k, v in PEFT_CONFIGS.items() if v == cfg)
 
 
+def loadavg() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("system", choices=["loratune", "peft_trainer", "peft_loop"])
     ap.add_argument("plan")
     ap.add_argument("--peft-config", default="bf16-autocast-sdpa", choices=list(PEFT_CONFIGS))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-compile", action="store_true", help="loratune: no regional torch.compile")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     plan = json.loads(Path(a.plan).read_text())
+    load_before, cpu0, wall0 = loadavg(), time.process_time(), time.perf_counter()
     if a.system == "loratune":
-        out = run_loratune(plan)
+        out = run_loratune(plan, not a.no_compile)
     elif a.system == "peft_trainer":
         out = run_peft_trainer(plan, PEFT_CONFIGS[a.peft_config])
     else:
         out = run_peft_loop(plan, PEFT_CONFIGS[a.peft_config])
     train_peak = vm_hwm_mib() or bs.peak_rss_mib()
+    out.update(gemm_probes=PROBES, loadavg=[load_before, loadavg()],
+               cpu_share=(time.process_time() - cpu0) / (time.perf_counter() - wall0))
     out.update(system=a.system, threads=a.threads, train_peak_rss_mib=train_peak,
                peak_rss_mib=max([train_peak, *LOAD_PEAK]), load_peak_rss_mib=max(LOAD_PEAK, default=None))
     print("RESULT " + json.dumps(out), flush=True)

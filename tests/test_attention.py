@@ -1,7 +1,8 @@
 """Per-example (varlen) attention for packed rows against the straightforward implementations.
 
 Tolerances: fp32 models; the per-example kernels see the same numbers as transformers' block-diagonal SDPA mask, so
-logits agree to float rounding (atol 1e-5), LoRA gradients to rtol 1e-4 / atol 1e-6 (summation order).
+logits agree to float rounding (atol 1e-5), LoRA gradients to rtol 1e-4 / atol 1e-5 of their largest entry
+(summation order; on CPU the per-example kernel is loratune.blocked_attention, checked in bf16 there too).
 """
 import pytest
 import torch
@@ -63,7 +64,7 @@ def test_loss_and_lora_gradients_match_dense_mask():
     assert n0 == n1 > 0
     torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
     for k in g0:
-        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-5 * g0[k].abs().max().item())
 
 
 def test_padding_masks_and_generation_are_unchanged():

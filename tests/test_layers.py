@@ -223,10 +223,29 @@ def test_fused_matches_unfused_low_precision(dtype, autocast, dropout):
 def test_fused_path_is_taken_only_where_it_applies():
     base, layer = _linear_layer()
     x = torch.randn(3, 16, requires_grad=True)
-    assert type(layer(x).grad_fn).__name__ == "LoraLinearFunctionBackward"
+    y = layer(x)
+    assert type(y.grad_fn).__name__ == "LoraLinearFunctionBackward"
+    with torch.no_grad():  # inference runs the same math without the autograd Function
+        torch.testing.assert_close(layer(x), y.detach(), rtol=1e-6, atol=1e-6)
     layer.add_adapter("b", r=2, alpha=2)
     layer.active = ["a", "b"]  # several adapters: unfused
     assert type(layer(x).grad_fn).__name__ != "LoraLinearFunctionBackward"
     layer.active = ["a"]
     layer.merge()  # merged: the base alone
     torch.testing.assert_close(layer(x), layer.unwrapped()(x))
+
+
+def test_inference_path_bf16_and_cache_refresh():
+    """No grad, bf16 base, fp32 adapter: the update is computed in bf16 from cached casts of A and s·B; it is within
+    bf16 rounding (1 % of the largest output) of fp32 math and follows in-place changes of B (the cache is keyed on
+    tensor versions)."""
+    base, layer = _linear_layer(dtype=torch.bfloat16)
+    x = torch.randn(6, 16, dtype=torch.bfloat16)
+    ref = lambda: (x.float() @ (base.weight.float() + layer.delta_weight("a")).T + base.bias.float())  # noqa: E731
+    with torch.no_grad():
+        close = lambda: torch.testing.assert_close(layer(x).float(), ref(), rtol=0, atol=1e-2 * ref().abs().max())  # noqa: E731
+        close()
+        layer.lora_B["a"].mul_(-3.0)
+        close()
+        layer.eval()
+        assert layer(x).dtype == torch.bfloat16

@@ -6,9 +6,11 @@ does the work of a T-token sequence: on CPU it cannot skip masked blocks, and wi
 key/value heads for grouped-query attention. For a row of n examples that is up to n² times the necessary work.
 
 :data:`NAME` is an attention implementation registered with transformers' ``AttentionInterface`` that instead
-runs SDPA once per example, ``is_causal=True`` and ``enable_gqa=True``, on views of the row: the cost is
-Σ lᵢ² instead of T², nothing [T, T] is ever built, and the key/value heads are not repeated. The results are those
-of the block-diagonal mask (same kernels, same softmax per query row).
+attends within each example: the cost is Σ lᵢ² instead of T², nothing [T, T] is ever built, and the key/value
+heads are not repeated. On CPU it runs :mod:`loratune.blocked_attention` (batched matmuls per block of queries,
+softmax recomputed in backward; several times the speed of the CPU flash kernel); elsewhere, or with attention
+dropout, SDPA once per example (``is_causal=True``, ``enable_gqa=True``, flash kernels on GPUs). Both give the
+results of the block-diagonal mask, to float rounding in fp32 (see the module for bf16).
 
 Example boundaries come from ``cu_seq_lens_q`` (the flash-attention varlen keyword that transformers forwards
 to the attention function; ``loratune.train.batch_loss`` passes it) or, failing that, from ``position_ids``
@@ -23,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .blocked_attention import varlen_causal_attention
 
 NAME = "loratune_varlen"
 _registered = False
@@ -108,6 +112,9 @@ def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     if bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    if query.device.type == "cpu" and not (module.training and dropout):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return varlen_causal_attention(query, key, value, bounds, scale), None  # [1, T, Hq, D]
     gqa = query.shape[1] != key.shape[1]
     lens = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
     # torch.split, not slicing: its backward concatenates the pieces' gradients once, where n slices would each

@@ -214,7 +214,7 @@ class World:
                              amp_dtype: torch.dtype | None) -> tuple[float, int]:
         """Backward over this rank's share of the step's micro-batches; returns (mean token loss of the whole step,
         input tokens of the whole step), identical on every rank. ``micro`` is the step's full list."""
-        from .train import accumulate_gradients, autocast
+        from .train import accumulate_gradients, autocast, release_free_memory
 
         if not self.distributed:
             return accumulate_gradients(model, micro, device, amp_dtype)
@@ -232,6 +232,8 @@ class World:
                     loss, _ = model(mb)  # summed token losses of this micro-batch
                 (loss / max(n_tokens, 1)).backward()
             loss_sum += loss.detach().double()
+            del loss
+            release_free_memory(device)  # glibc keeps freed activations otherwise (see train.release_free_memory)
         dist.all_reduce(loss_sum)  # NaN anywhere is NaN everywhere: all ranks stop together
         return float(loss_sum) / max(n_tokens, 1), tokens
 

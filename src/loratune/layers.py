@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import quant
-from .fused import LoraLinearFunction
+from .fused import LoraLinearFunction, lora_linear_inference
 
 LINEAR, CONV1D, EMBEDDING = "linear", "conv1d", "embedding"
 
@@ -47,8 +47,9 @@ class LoraLayer(nn.Module):
     init) with scaling ``s_a``. Active, unmerged adapters add ``s·B·(A·x)`` to the base output; B·A is never formed
     in the forward pass. Merged adapters live inside ``weight`` instead.
 
-    A plain Linear base with one active adapter runs as one fused autograd Function (:mod:`loratune.fused`); set
-    ``fused = False`` (on the class or a layer) for the unfused autograd expression, which every case can take.
+    A plain Linear base with one active adapter runs as one fused autograd Function (:mod:`loratune.fused`), and
+    without grad as two small matmuls added in place in the base's compute dtype; set ``fused = False`` (on the
+    class or a layer) for the unfused autograd expression, which every case can take.
     """
 
     fused = True
@@ -75,6 +76,7 @@ class LoraLayer(nn.Module):
         self.active: list[str] = []
         self.merged: list[str] = []
         self.disabled = False
+        self._serving: dict = {}  # inference casts of A and s·B (see loratune.fused.lora_linear_inference)
 
     # -- adapters ----------------------------------------------------------------------------------------------
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, init: str = "gaussian",
@@ -94,6 +96,7 @@ class LoraLayer(nn.Module):
                 nn.init.zeros_(A)
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
+        self._serving.clear()
         # Dropout acts on the LoRA branch's input only; embeddings take ids, so they get none.
         p = dropout if self.kind != EMBEDDING else 0.0
         self.lora_dropout[name] = nn.Dropout(p) if p > 0 else nn.Identity()
@@ -107,6 +110,7 @@ class LoraLayer(nn.Module):
             del container[name]
         del self.scaling[name]
         self.active = [a for a in self.active if a != name]
+        self._serving.clear()
 
     # -- forward -----------------------------------------------------------------------------------------------
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,9 +126,11 @@ class LoraLayer(nn.Module):
             name = self.active[0]
             if name not in self.merged and name in self.lora_A and not quant.is_quantized(self.weight):
                 drop = self.lora_dropout[name]
+                A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
+                if not torch.is_grad_enabled() and not (self.training and isinstance(drop, nn.Dropout)):
+                    return lora_linear_inference(self._serving, x, self.weight, self.bias, A, B, s)
                 x_d = drop(x) if isinstance(drop, nn.Dropout) and self.training else None
-                return LoraLinearFunction.apply(x, x_d, self.weight, self.bias, self.lora_A[name], self.lora_B[name],
-                                                self.scaling[name])
+                return LoraLinearFunction.apply(x, x_d, self.weight, self.bias, A, B, s)
         result = self._base_forward(x)  # [..., out]
         if self.disabled:
             return result

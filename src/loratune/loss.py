@@ -60,8 +60,9 @@ from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 26
-"""Default chunk budget: chunk_size × vocab ≈ 64 Mi logits (256 MiB in fp32); 441 positions for V = 151,936."""
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
+"""Default chunk budget: chunk_size × vocab ≈ 16 Mi logits (64 MiB in fp32); 110 positions for V = 151,936. Measured
+on Qwen3-0.6B training (bf16, 2-core CPU): the same speed as 4× larger chunks and 0.6 GB less peak RSS."""
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -244,7 +245,7 @@ def causal_lm_loss(hidden_states: Tensor, lm_head_weight: Tensor, labels: Tensor
         hidden_states: [..., T, H] final hidden states (after the final norm), any float dtype.
         lm_head_weight: [V, H] output projection (tied embeddings: the embedding matrix).
         labels: [..., T] long, unshifted (like ``input_ids``), ``ignore_index`` where no loss is taken.
-        chunk_size: positions per chunk; default :func:`default_chunk_size` (about 256 MiB of fp32 logits).
+        chunk_size: positions per chunk; default :func:`default_chunk_size` (about 64 MiB of fp32 logits).
         lm_head_bias: optional [V] bias.
         reduction: "mean" (sum / num_tokens), "sum", or "none" (fp32 [..., T], 0 at positions without target).
         shift: position t predicts ``labels[t+1]`` (True) or ``labels[t]`` (False: labels already shifted).

@@ -34,6 +34,7 @@ from . import distributed, quant
 from .adapters import adapter_state_dict, copy_adapter_tensors, read_adapter, replace_dir, write_adapter
 from .config import LoraConfig
 from .attention import use_varlen_attention, varlen_kwargs
+from .compile import compile_available, compile_regions, uncompile
 from .data import DataError, PackedBatchSampler, PackingCollator, PaddingCollator, LengthGroupedBatchSampler, \
     iter_records, load_examples, train_eval_split
 from .inject import adapter_configs, disable_adapters, inject_adapter, trainable_summary
@@ -111,6 +112,9 @@ class TrainConfig:
     """Recompute activations in backward to save memory (slower)."""
     autocast: str = "auto"
     """Mixed precision: auto (bf16 where supported), bf16, fp16 or none."""
+    compile: bool = False
+    """torch.compile the norms and MLPs of the repeated blocks (fused kernels, less activation memory; ~20-60 s of
+    compiling once, cached on disk). Off by default; skipped with a warning where torch.compile does not work."""
     seed: int = 0
     """Seed for LoRA init, data order, split and dropout."""
     eval_every: int = 0
@@ -237,7 +241,8 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
 
     # -- optimizer and schedule: AdamW over the LoRA parameters only ----------------------------------------------
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
+                                  foreach=True)  # one multi-tensor update, not one per LoRA matrix
     warmup = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps, cfg.min_lr_ratio))
 
@@ -254,6 +259,8 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.yaml").write_text(dump_yaml(cfg))
 
+    if cfg.compile and compile_available(device):
+        log(f"compiled {compile_regions(model)} norm/MLP modules (regional torch.compile)")
     metrics_file = open(out / "metrics.jsonl" if world.is_main else os.devnull, "a" if resume else "w")
     batches = batch_stream(sampler, collate, state, train_set)
     bar = make_progress(total_steps, state["step"], enabled=progress and world.is_main)
@@ -295,6 +302,7 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
     finally:
         bar.close()
         metrics_file.close()
+        uncompile(model)  # evaluation and generation below run eagerly (no compiling for their shapes)
 
     # -- the end: held-out loss, adapter, plot, before/after report -----------------------------------------------
     model.eval()
@@ -422,7 +430,32 @@ def accumulate_gradients(model: nn.Module, micro: list[dict[str, Any]], device: 
         (loss / max(n_tokens, 1)).backward()
         loss_sum += loss.item()
         tokens += int(mb["input_ids"].numel() if "position_ids" in mb else mb["attention_mask"].sum())
+        del loss
+        release_free_memory(device)
     return loss_sum / max(n_tokens, 1), tokens
+
+
+_LIBC: Any = None
+
+
+def release_free_memory(device: torch.device) -> None:
+    """On CPU with glibc, hand the heap's free pages back to the OS (``malloc_trim``) after a micro-batch.
+
+    glibc keeps freed activation buffers (mostly below its 32 MiB mmap threshold) in the heap, fragmented, so the
+    next micro-batch's peak lands on top of them: on Qwen3-0.6B that is 0.6 GB more peak RSS per step, for no speed
+    (measured: same step time with and without). Elsewhere (CUDA, other C libraries) this does nothing."""
+    global _LIBC
+    if device.type != "cpu" or not sys.platform.startswith("linux"):
+        return
+    if _LIBC is None:
+        import ctypes
+
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC(0)
 
 
 def batch_loss(model: nn.Module, batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, int]:
