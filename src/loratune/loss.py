@@ -125,12 +125,13 @@ def _softmax_inplace(logits: Tensor) -> Tensor:
 
 def _exp_shifted(raw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """For raw logits [c, V] in any float dtype: (exp(raw − max) in the accumulation dtype [c, V], its row sums
-    [c, 1], the log-sum-exp [c]). Two passes over [c, V] besides the exp; the max is taken on the raw values and
-    the subtraction upcasts (bf16 − fp32 → fp32), so no separate upcast copy of the logits is made."""
+    [c, 1], the log-sum-exp [c]). The max is taken on the raw values; a bf16/fp16 input is upcast by one plain
+    copy and everything after runs in place in fp32: a mixed-dtype ``torch.sub(raw, m)`` takes PyTorch's slow
+    casting path (measured 5x slower for this function and the division of the caller, on [110, 151936])."""
     acc = _acc_dtype(raw.dtype)
     m = raw.amax(dim=-1, keepdim=True).to(acc)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = raw.sub_(m) if raw.dtype == acc else torch.sub(raw, m)
+    e = (raw if raw.dtype == acc else raw.to(acc)).sub_(m)
     norm = e.exp_().sum(dim=-1, keepdim=True)
     return e, norm, (norm.log() + m).squeeze(1)
 
@@ -161,10 +162,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 # d CE / d logits = softmax − one-hot, computed in acc and rounded once to the matmul dtype (what
                 # autograd's backward of the naive ``.float()`` would produce), in as few passes as possible.
                 at_target = e[rows, tc] / norm[:, 0] - 1.0                      # [c] acc
-                if e.dtype == h.dtype:
-                    g_mm = e.div_(norm)                                         # [c, V] softmax, in place
-                else:
-                    g_mm = torch.div(e, norm, out=torch.empty(e.shape, dtype=h.dtype, device=h.device))
+                g_mm = e.div_(norm).to(h.dtype)                                 # [c, V] softmax, one rounding
                 g_mm[rows, tc] = at_target.to(h.dtype)
                 if need_h:
                     torch.matmul(g_mm, w, out=grad_h[s: s + chunk_size])        # [c, H]
