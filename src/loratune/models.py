@@ -5,7 +5,9 @@ transformers as usual. ``trust_remote_code`` stays off unless the caller asks fo
 """
 from __future__ import annotations
 
+import gc
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -115,23 +117,30 @@ def quantize_base(model: torch.nn.Module, quantize: str) -> dict | None:
         for t in [*model.parameters(), *model.buffers()]:
             if t.device.type == "cpu" and not quant.is_quantized(t):
                 t.data = t.data.clone()
-    _trim_heap()
+    trim_heap()
     return report
 
 
-def _trim_heap() -> None:
-    """Return freed heap memory to the OS where the C library is glibc (best effort; nothing elsewhere)."""
-    import ctypes
-    import gc
-    import sys
+_MALLOC_TRIM: Any = None
 
-    if not sys.platform.startswith("linux"):
-        return
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # musl and other C libraries: no malloc_trim
-        pass
+
+def trim_heap(collect: bool = True) -> None:
+    """Hand the heap's free memory back to the OS where the C library is glibc (``malloc_trim(0)``); nothing
+    elsewhere. ``collect`` first runs the garbage collector (unreachable cycles may still hold tensors)."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        _MALLOC_TRIM = False
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            try:
+                _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+            except (OSError, AttributeError):  # musl and other C libraries: no malloc_trim
+                pass
+    if collect:
+        gc.collect()
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
 
 
 def load_with_adapters(model: str, adapters: list[str] | tuple[str, ...] = (), dtype: torch.dtype = torch.float32,
