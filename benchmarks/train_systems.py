@@ -26,6 +26,11 @@ import sys
 import time
 from pathlib import Path
 
+if len(sys.argv) > 1 and sys.argv[1] == "loratune":
+    # Before torch, as `loratune train` does: loratune's OpenMP wait-policy default (spin on an idle machine, sleep
+    # on a busy one; see loratune/__init__.py) applies to the loratune system. The PEFT systems get torch's default.
+    import loratune  # noqa: F401
+
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -276,7 +281,8 @@ def main() -> None:
     train_peak = vm_hwm_mib() or bs.peak_rss_mib()
     out.update(gemm_probes=PROBES, loadavg=[load_before, loadavg()],
                cpu_share=(time.process_time() - cpu0) / (time.perf_counter() - wall0))
-    out.update(system=a.system, threads=a.threads, train_peak_rss_mib=train_peak,
+    out.update(system=a.system, threads=a.threads, omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"),
+               train_peak_rss_mib=train_peak,
                peak_rss_mib=max([train_peak, *LOAD_PEAK]), load_peak_rss_mib=max(LOAD_PEAK, default=None))
     print("RESULT " + json.dumps(out), flush=True)
 

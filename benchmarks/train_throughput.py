@@ -129,13 +129,13 @@ def main() -> None:
     first = next(iter(results.values()))[0]
     flops = [bs.model_flops(config, lens, sc) for lens, sc in zip(first["step_lengths"], first["step_scored"])]
     summary = {name: summarize(runs, flops, peaks) for name, runs in results.items()}
-    report(a, plan, summary, peaks, first, time.time() - t_start)
+    report(a, plan, summary, results, peaks, first, time.time() - t_start)
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "plan": plan, "gemm_peaks": peaks, "summary": summary,
                                             "runs": results}, indent=1))
 
 
-def report(a, plan, summary, peaks, first, wall) -> None:
+def report(a, plan, summary, results, peaks, first, wall) -> None:
     timed_tokens = sum(first["step_tokens"][1:])
     timed_scored = sum(first["step_scored"][1:])
     print(f"\n{len(plan['steps']) - 1} timed optimizer steps (+1 warm-up) of {a.per_step} examples "
@@ -161,6 +161,8 @@ def report(a, plan, summary, peaks, first, wall) -> None:
               f"{_runs(s['gemm_probe_runs'], 0)} | {s['peak_rss_mib']:.0f} | {mem} | {100 * s['mfu']:.0f}% |")
     print("\nwarm-up step (untimed; loratune's includes compiling): " + ", ".join(
         f"{name} {s['warmup_s']:.0f} s" for name, s in summary.items()))
+    print("OpenMP wait policy per run: " + ", ".join(
+        f"{name} {'/'.join(r.get('omp_wait_policy', '?') for r in results[name])}" for name in summary))
     print("CPU share (CPU s / wall s, 2.0 = both cores all the time): " + ", ".join(
         f"{name} {s['cpu_share']:.2f}" for name, s in summary.items()))
     peft = {k: v for k, v in summary.items() if k != "loratune"}
