@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loratune import quant
+from loratune import get_lora_model, merge_and_unload, quant
 from loratune.cli import main
 from loratune.config import LoraConfig
-from loratune.models import load_model, load_with_adapters
+from loratune.models import load_model, load_with_adapters, quantize_base
 from loratune.train import TrainConfig, evaluate_loss, load_data, train
 
 
@@ -174,6 +174,39 @@ def test_adapter_from_nf4_base_loads_on_fp32_and_bf16_bases(tiny_run_dir):
     assert _eval_loss(cfg, model, tok) < results["nf4"][1] - 2.0
 
 
+# --------------------------------------------------------------------------------------------- library merge
+def _qlora_model(model_dir: Path):
+    """The fixture on an NF4 base with random adapters on q/k/v/o only, so the MLP stays NF4 and unadapted."""
+    model = load_model(str(model_dir), dtype=torch.float32)
+    quantize_base(model, "nf4")
+    torch.manual_seed(0)  # A's init: the same adapter every call
+    model = get_lora_model(model, LoraConfig(r=8, lora_alpha=16))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+@needs_backend
+def test_merge_and_unload_dequantizes_layers_without_adapter(tiny_run_dir):
+    model = _qlora_model(tiny_run_dir / "model")
+    ids = _probe()
+    y_qlora = _logits(model, ids)
+    plain = model.merge_and_unload()
+    assert not any(quant.is_quantized(p) for p in plain.parameters())
+    mlp, attn = plain.model.layers[0].mlp.up_proj.weight, plain.model.layers[0].self_attn.q_proj.weight
+    assert mlp.dtype == attn.dtype == torch.float32 and mlp.shape == (128, 64) and not mlp.requires_grad
+    # the merge is exact: the plain fp32 model computes the QLoRA model (same tolerance as the CLI's fp32 merge)
+    torch.testing.assert_close(_logits(plain, ids), y_qlora, rtol=1e-4, atol=1e-4)
+
+    kept = merge_and_unload(_qlora_model(tiny_run_dir / "model").model, dequantize=False)
+    assert quant.is_quantized(kept.model.layers[0].mlp.up_proj.weight)
+    assert not quant.is_quantized(kept.model.layers[0].self_attn.q_proj.weight)
+    torch.testing.assert_close(_logits(kept, ids), y_qlora, rtol=1e-4, atol=1e-4)
+
+
 # --------------------------------------------------------------------------------------------- CLI: train + merge
 def _cli(capsys, *args) -> str:
     """``loratune ARGS`` in this process (the same entry point as the console script; tests/test_cli.py covers the
@@ -231,6 +264,11 @@ def test_cli_train_and_merge_nf4(tiny_run_dir, capsys):
          "--save-dtype", "fp32")
     plain32 = AutoModelForCausalLM.from_pretrained(merged32)
     torch.testing.assert_close(_logits(plain32, ids), y_qlora, rtol=1e-4, atol=1e-4)  # measured max 8.6e-6
+    # the library's merge_and_unload gives the same plain model, every weight dense (no NF4 layer left behind)
+    library = merge_and_unload(qlora).state_dict()
+    assert not any(quant.is_quantized(p) for p in library.values())
+    for k, v in plain32.state_dict().items():
+        torch.testing.assert_close(library[k], v, rtol=0, atol=0, msg=k)
 
 
 # --------------------------------------------------------------------------------------------- no backend

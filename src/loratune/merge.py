@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from . import quant
 from .inject import CONFIGS_ATTR, active_adapters, adapter_configs, lora_layers, _replace
 
 
@@ -36,7 +37,11 @@ def unmerge_adapters(model: nn.Module) -> None:
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Put every plain base module back (merged weights stay merged); the adapters are dropped."""
+    """Put every plain base module back (merged weights stay merged); the adapters are dropped.
+
+    An NF4 base stays quantized: unloading hands back the base as it was loaded, e.g. to adapt it again. For a
+    dense model use :func:`merge_and_unload`, or :func:`loratune.quant.dequantize_model` afterwards.
+    """
     for name, layer in list(lora_layers(model)):
         _replace(model, name, layer.unwrapped())
     if hasattr(model, CONFIGS_ATTR):
@@ -44,7 +49,17 @@ def unload(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None, safe: bool = True) -> nn.Module:
-    """Merge the named adapters (default: active ones) and return the plain model, e.g. a transformers model."""
+def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None, safe: bool = True,
+                     dequantize: bool = True) -> nn.Module:
+    """Merge the named adapters (default: active ones) and return the plain model, e.g. a transformers model.
+
+    On an NF4 (QLoRA) base, a merged layer's weight becomes dense, and with ``dequantize`` (the default) so does
+    every weight still quantized (layers without an adapter), in its original dtype like the merged ones
+    (:func:`loratune.quant.dequantize_model`): the model holds no packed 4-bit weights and ``save_pretrained``
+    writes a checkpoint any transformers model loads. ``dequantize=False`` keeps those layers in NF4.
+    """
     merge_adapters(model, adapter_names, safe=safe)
-    return unload(model)
+    plain = unload(model)
+    if dequantize:
+        quant.dequantize_model(plain)
+    return plain

@@ -92,12 +92,14 @@ class LoraModel(nn.Module):
         """W ← W − ΔW for every merged adapter."""
         merge.unmerge_adapters(self.model)
 
-    def merge_and_unload(self, adapter_names: list[str] | None = None, safe: bool = True) -> nn.Module:
-        """Merge and return the plain wrapped model (e.g. a transformers model ready for ``save_pretrained``)."""
-        return merge.merge_and_unload(self.model, adapter_names, safe=safe)
+    def merge_and_unload(self, adapter_names: list[str] | None = None, safe: bool = True,
+                         dequantize: bool = True) -> nn.Module:
+        """Merge and return the plain wrapped model (e.g. a transformers model ready for ``save_pretrained``); an NF4
+        base is dequantized unless ``dequantize=False`` (see :func:`loratune.merge.merge_and_unload`)."""
+        return merge.merge_and_unload(self.model, adapter_names, safe=safe, dequantize=dequantize)
 
     def unload(self) -> nn.Module:
-        """Drop the adapters without merging and return the plain wrapped model."""
+        """Drop the adapters without merging and return the plain wrapped model (an NF4 base stays NF4)."""
         return merge.unload(self.model)
 
     # -- parameters --------------------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ __all__ = [
     "MIN_BACKEND_VERSION",
     "check_backend_available",
     "dequantize",
+    "dequantize_model",
     "is_quantized",
     "linear",
     "logical_dtype",
@@ -271,6 +272,24 @@ def dequantize(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.
         state.dtype = dtype
     with torch.no_grad():
         return bnb.functional.dequantize_4bit(weight.data, state)
+
+
+def dequantize_model(model: nn.Module) -> int:
+    """Replaces in place every NF4 weight in ``model`` by a dense, frozen one in its original dtype (the dtype
+    :meth:`loratune.layers.LoraLayer.merge` gives a merged NF4 weight, so a merged model ends up in one dtype);
+    weights shared by several modules stay shared. Returns how many distinct weights were replaced.
+
+    The inverse of :func:`quantize_model` up to the NF4 rounding, which stays. Needed wherever a model must be
+    plain: ``save_pretrained`` would write the packed uint8 codes, which no model can load.
+    """
+    dense: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if is_quantized(p):
+                if id(p) not in dense:
+                    dense[id(p)] = nn.Parameter(dequantize(p), requires_grad=False)
+                setattr(module, name, dense[id(p)])
+    return len(dense)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

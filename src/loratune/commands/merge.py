@@ -12,9 +12,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from .. import quant
 from ..adapters import replace_dir
 from ..merge import merge_and_unload
 from ..models import load_with_adapters, parse_dtype
@@ -37,20 +35,6 @@ def probe_ids(tokenizer, n: int = 32) -> torch.Tensor:
     return torch.randint(0, len(tokenizer), (2, n), generator=g)
 
 
-def dequantize_all(model: nn.Module) -> int:
-    """Replace every NF4 weight still in ``model`` (layers without an adapter) by its dense weight in its original
-    dtype, keeping shared weights shared; returns how many were replaced. Without this, ``save_pretrained`` would
-    write their packed uint8 codes, which no model can load."""
-    dense: dict[int, nn.Parameter] = {}
-    for module in model.modules():
-        for name, p in list(module.named_parameters(recurse=False)):
-            if quant.is_quantized(p):
-                if id(p) not in dense:
-                    dense[id(p)] = nn.Parameter(quant.dequantize(p), requires_grad=False)
-                setattr(module, name, dense[id(p)])
-    return len(dense)
-
-
 def run(args: argparse.Namespace) -> int:
     if not args.adapter:
         raise ValueError("give at least one --adapter to merge")
@@ -59,8 +43,7 @@ def run(args: argparse.Namespace) -> int:
     ids = probe_ids(tok)
     with torch.no_grad():
         unmerged = model(input_ids=ids).logits.float()
-        plain = merge_and_unload(model)
-        dequantize_all(plain)  # an NF4 base: the layers that carry no adapter are still 4-bit
+        plain = merge_and_unload(model)  # also dequantizes an NF4 base's layers that carry no adapter
         plain = plain.to(parse_dtype(args.save_dtype))
         merged = plain(input_ids=ids).logits.float()
     out = Path(args.output)
