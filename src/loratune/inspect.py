@@ -26,7 +26,6 @@ import math
 import os
 import re
 import statistics
-import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 
 from .adapters import CONFIG_NAME, WEIGHTS_NAME, read_adapter
 from .config import LoraConfig, layer_index
+from .fileio import write_figure
 
 SUGGEST_ENERGY = 0.99
 """Energy fraction whose effective rank the suggestion is based on."""
@@ -498,8 +498,8 @@ def format_report(report: AdapterReport, modules: bool = True) -> str:
 
 def plot_spectra(report: AdapterReport, path: str | os.PathLike, dpi: int = 110) -> Path:
     """Write a PNG of the normalised spectra σ_i/σ_1 vs i: one panel per module type, one line per module
-    (coloured by layer), the suggested r as a dashed line. Written atomically: a temporary file in the same
-    directory, then ``os.replace``. Uses matplotlib's Agg canvas directly (no pyplot, no global backend change).
+    (coloured by layer), the suggested r as a dashed line. Written atomically (:func:`loratune.fileio.write_figure`).
+    Uses matplotlib's Agg canvas directly (no pyplot, no global backend change).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.cm import ScalarMappable
@@ -556,30 +556,6 @@ def plot_spectra(report: AdapterReport, path: str | os.PathLike, dpi: int = 110)
     fig.suptitle(f"ΔW spectra of {report.path}" + (f" — suggested r = {suggestion.r}" if suggestion.r else ""),
                  fontsize=10)
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=dpi)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the plot the permissions open() would
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_figure(fig, path, dpi=dpi)
     report.plot = str(path)
     return path
-
-
-def _umask() -> int:
-    """The process umask (read from /proc where possible, so it is never changed even briefly)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask

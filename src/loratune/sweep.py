@@ -33,13 +33,12 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from .inspect import _umask
+from .fileio import write_atomic, write_figure
 from .recipe import build, load_yaml, to_dict
 from .train import TrainConfig, TrainingDiverged, latest_checkpoint, train
 
@@ -477,7 +476,7 @@ def train_rank(cfg: TrainConfig, identity: dict[str, Any], fp: str, resume: bool
             final_loss=res.final_loss, **base)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / RESULT_NAME, (json.dumps(result.to_dict(), indent=2) + "\n").encode())
+    write_atomic(out / RESULT_NAME, json.dumps(result.to_dict(), indent=2) + "\n")
     return result
 
 
@@ -495,22 +494,6 @@ def count_adapter_params(weights: Path) -> int:
 # ==============================================================================================================
 # Outputs: table, JSON, plot (all atomic)
 # ==============================================================================================================
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -592,8 +575,6 @@ def format_markdown(report: SweepReport) -> str:
 
 def plot_sweep(report: SweepReport, path: str | os.PathLike, dpi: int = 110) -> Path:
     """Eval loss (and exact match, when measured) against r on a log₂ axis, the recommended r marked; atomic."""
-    import io
-
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FixedLocator, NullLocator
@@ -637,15 +618,12 @@ def plot_sweep(report: SweepReport, path: str | os.PathLike, dpi: int = 110) -> 
     if handles:
         ax.legend(handles, labels, loc="best", fontsize=8)
     ax.set_title(f"rank sweep ({report.alpha_rule} alpha), margin {100 * rec.margin:g}%", fontsize=10)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    atomic_write(path, buf.getvalue())
-    return path
+    return write_figure(fig, path, dpi=dpi)
 
 
 def write_outputs(report: SweepReport) -> None:
     """``sweep.md``, ``sweep.json`` and ``sweep.png`` in the sweep directory, each atomically."""
     report.out.mkdir(parents=True, exist_ok=True)
-    atomic_write(report.out / "sweep.md", format_markdown(report).encode())
-    atomic_write(report.out / "sweep.json", (json.dumps(report.to_dict(), indent=2) + "\n").encode())
+    write_atomic(report.out / "sweep.md", format_markdown(report))
+    write_atomic(report.out / "sweep.json", json.dumps(report.to_dict(), indent=2) + "\n")
     plot_sweep(report, report.out / "sweep.png")

@@ -37,6 +37,7 @@ from .attention import use_varlen_attention, varlen_kwargs
 from .compile import compile_available, compile_regions, uncompile
 from .data import DataError, PackedBatchSampler, PackingCollator, PaddingCollator, LengthGroupedBatchSampler, \
     iter_records, load_examples, train_eval_split
+from .fileio import write_atomic, write_figure
 from .inject import adapter_configs, disable_adapters, inject_adapter, trainable_summary
 from .layers import LoraLayer
 from .loss import causal_lm_loss, count_trainable_tokens, shift_labels
@@ -680,15 +681,7 @@ def plot_losses(metrics: Path, png: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png)
-    return png
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        return write_figure(fig, png)
+    finally:
+        plt.close(fig)
