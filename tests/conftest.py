@@ -96,6 +96,16 @@ def write_chat_jsonl(path, n: int, seed: int = 0):
     return path
 
 
+def randomize_lora_B(model: torch.nn.Module, std: float = 0.1, seed: int = 0) -> torch.nn.Module:
+    """Fill every lora_B (zero at init, so ΔW = 0) with seeded Gaussian values: merge tests need a real ΔW."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
 @pytest.fixture
 def tiny_run_dir(tmp_path):
     """A local model dir (tiny Qwen3 + char tokenizer) and train/eval JSONL files, as a user would have them."""

@@ -2,19 +2,13 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_tiny_gpt2, make_tiny_qwen3
+from conftest import make_tiny_gpt2, make_tiny_qwen3, randomize_lora_B
 from loratune import LoraConfig, get_lora_model, merge_adapters, unmerge_adapters
 from loratune.inject import lora_layers
 
 
 def _adapted(make=make_tiny_qwen3, dtype=torch.float32, **kw):
-    model = get_lora_model(make(dtype=dtype), LoraConfig(target_modules="all-linear", **kw))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
+    return randomize_lora_B(get_lora_model(make(dtype=dtype), LoraConfig(target_modules="all-linear", **kw)))
 
 
 def _weights(model):

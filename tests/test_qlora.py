@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import randomize_lora_B
 from loratune import get_lora_model, merge_and_unload, quant
 from loratune.cli import main
 from loratune.config import LoraConfig
@@ -180,13 +181,7 @@ def _qlora_model(model_dir: Path):
     model = load_model(str(model_dir), dtype=torch.float32)
     quantize_base(model, "nf4")
     torch.manual_seed(0)  # A's init: the same adapter every call
-    model = get_lora_model(model, LoraConfig(r=8, lora_alpha=16))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
+    return randomize_lora_B(get_lora_model(model, LoraConfig(r=8, lora_alpha=16)))
 
 
 @needs_backend
