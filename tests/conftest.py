@@ -112,11 +112,12 @@ def tiny_run_dir(tmp_path):
     return make_run_dir(tmp_path)
 
 
-def make_run_dir(tmp_path):
-    """What :func:`tiny_run_dir` holds, written to ``tmp_path`` (for fixtures of a wider scope)."""
+def make_run_dir(tmp_path, **model_overrides):
+    """What :func:`tiny_run_dir` holds, written to ``tmp_path`` (for fixtures of a wider scope, or a model with
+    other config values, e.g. ``attention_bias=True``)."""
     # initializer_range 0.2 (not 0.02): with hidden size 64, tiny embeddings would cap the logits near ±1 and no
     # adapter could make a confident prediction, so nothing would visibly learn.
-    model = make_tiny_qwen3(vocab_size=128, initializer_range=0.2)
+    model = make_tiny_qwen3(vocab_size=128, initializer_range=0.2, **model_overrides)
     tok = make_char_tokenizer()
     model.config.eos_token_id = tok.eos_token_id
     model.config.pad_token_id = tok.pad_token_id

@@ -1,6 +1,7 @@
 """The training job end to end on a tiny real model: learning, outputs, resume after SIGKILL, divergence, bad data."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_run_dir
 from safetensors.torch import load_file, save_file
 
+from loratune.adapters import PREFIX
 from loratune.config import LoraConfig
 from loratune.train import TrainConfig, lr_factor, train
 
@@ -119,6 +122,38 @@ def test_resume_after_sigkill_gives_the_same_adapter(tiny_run_dir):
     for k in want:
         assert torch.equal(want[k], got[k]), k
     assert len(list(ckpts.glob("step-*"))) <= 2  # keep_last
+
+
+def _resume_after_last_row(cfg: TrainConfig) -> None:
+    """Resume the finished run ``cfg`` as if it had been killed just before writing its adapter: every metrics row
+    is written, the newest checkpoint is some steps older (what a SIGKILL then leaves, without a subprocess)."""
+    shutil.rmtree(Path(cfg.output_dir) / "adapter")
+    train(cfg, resume=True, progress=False, log=lambda *a: None)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_resume_restores_trained_biases_and_modules_to_save(tmp_path, bias):
+    """Trained biases and modules_to_save are part of the adapter: a resumed run must restore them too and end
+    bit-identical to the uninterrupted run."""
+    d = make_run_dir(tmp_path, attention_bias=True)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"], bias=bias,
+                      modules_to_save=["norm"])
+    cfg = _cfg(d, lora=lora, save_every=4)
+    train(cfg, progress=False, log=lambda *a: None)
+    want = _adapter(Path(cfg.output_dir) / "adapter")
+    _resume_after_last_row(cfg)
+    got = _adapter(Path(cfg.output_dir) / "adapter")
+
+    trained = {f"layers.{i}.self_attn.{m}_proj.base_layer.bias" for i in (0, 1) for m in "qv"} | {"norm.weight"}
+    if bias == "all":
+        trained |= {f"layers.{i}.self_attn.{m}_proj.bias" for i in (0, 1) for m in "ko"}
+    assert {k for k in want if ".lora_" not in k} == {f"{PREFIX}model.{k}" for k in trained}
+    base = load_file(d / "model" / "model.safetensors")
+    for k in trained:  # they did train: a resume that skipped them would end elsewhere
+        assert not torch.equal(want[f"{PREFIX}model.{k}"], base["model." + k.replace(".base_layer", "")]), k
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_run_dir):

@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -39,13 +40,17 @@ def _lora_keys(name: str, kind: str) -> tuple[str, str]:
     return f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight"
 
 
-def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's keys (A, B, trained biases, modules_to_save), detached, contiguous."""
+def adapter_parameters(model: nn.Module, adapter_name: str = "default") -> dict[str, nn.Parameter]:
+    """The adapter's live parameters under PEFT's keys: A, B, trained biases, modules_to_save.
+
+    The one list of what an adapter holds, so that saving (:func:`adapter_state_dict`) and restoring
+    (:func:`copy_adapter_tensors`, a checkpoint's resume) can never disagree about it.
+    """
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise ValueError(f"unknown adapter {adapter_name!r}; the model has {sorted(configs)}")
     config = configs[adapter_name]
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, nn.Parameter] = {}
     wrapped_bias_names = set()
     for name, layer in lora_layers(model):
         if adapter_name not in layer.lora_A:
@@ -62,7 +67,12 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
                 out[PREFIX + pname] = p
     for pname, p in modules_to_save_parameters(model, config).items():
         out[PREFIX + pname] = p
-    return {k: v.detach().contiguous() for k, v in out.items()}
+    return out
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's keys (A, B, trained biases, modules_to_save), detached, contiguous."""
+    return {k: v.detach().contiguous() for k, v in adapter_parameters(model, adapter_name).items()}
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
@@ -192,10 +202,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
 
     # Everything checked: now change the model.
     inject_adapter(model, config, adapter_name)
-    copy_adapter_tensors(model, tensors, adapter_name)
+    copied = copy_adapter_tensors(model, tensors, adapter_name)
     with torch.no_grad():
         for key, param in extra.items():
-            param.copy_(tensors[key])
+            if key not in copied:  # what PEFT writes besides the adapter: base weights of adapted embeddings
+                param.copy_(tensors[key])
     set_active_adapters(model, [adapter_name])
     if not is_trainable:
         for p in model.parameters():
@@ -203,15 +214,23 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     return config
 
 
-def copy_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
-    """Copy A and B from PEFT-keyed ``tensors`` into the existing adapter ``adapter_name``, in place (the
-    parameters stay the same objects, so an optimizer holding them keeps working)."""
+def copy_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str = "default",
+                         convert: Callable[[torch.Tensor, nn.Parameter], torch.Tensor] | None = None) -> set[str]:
+    """Copy PEFT-keyed ``tensors`` into the existing adapter ``adapter_name`` in place (the parameters stay the same
+    objects, so an optimizer holding them keeps working); returns the keys copied.
+
+    A and B must all be there. Trained biases and modules_to_save are copied when present: an adapter file may
+    leave them out, a checkpoint (written by :func:`adapter_state_dict`) holds them all. ``convert`` makes a full
+    tensor fit its parameter (e.g. sharding it like an FSDP2 DTensor).
+    """
+    copied = set()
     with torch.no_grad():
-        for name, layer in lora_layers(model):
-            if adapter_name in layer.lora_A:
-                key_a, key_b = _lora_keys(name, layer.kind)
-                layer.lora_A[adapter_name].copy_(tensors[key_a])
-                layer.lora_B[adapter_name].copy_(tensors[key_b])
+        for key, param in adapter_parameters(model, adapter_name).items():
+            if key not in tensors and ".lora_" not in key:  # a missing A or B is a KeyError below
+                continue
+            param.copy_(convert(tensors[key], param) if convert else tensors[key])
+            copied.add(key)
+    return copied
 
 
 def _module_of(key: str) -> str:

@@ -40,8 +40,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .adapters import adapter_state_dict, read_adapter, save_adapter, write_adapter
-from .inject import adapter_configs, lora_layers
+from .adapters import adapter_state_dict, copy_adapter_tensors, read_adapter, save_adapter, write_adapter
+from .inject import adapter_configs
 from .loss import count_trainable_tokens
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -357,7 +357,7 @@ class World:
         meta, tensors = got["meta"], got["tensors"]
         state = dict(meta["state"])
         written_by = int(state.pop("world_size", 1))
-        copy_into(model, got["adapter"])
+        copy_adapter_tensors(model, got["adapter"], convert=_like)
         # RNG: this rank's own state when the world is the same, else rank 0's for rank 0 and fresh streams
         prefix = "" if self.rank == 0 else f"rank{self.rank}."
         if written_by == self.size:
@@ -533,18 +533,6 @@ def _like(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if isinstance(target, DTensor):
         return distribute_tensor(value.to(device=target.device, dtype=target.dtype), target.device_mesh, target.placements)
     return value.to(device=target.device, dtype=target.dtype)
-
-
-def copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
-    """Copy full PEFT-keyed A and B tensors into the (possibly FSDP2-sharded) adapter, in place."""
-    from .adapters import _lora_keys
-
-    with torch.no_grad():
-        for name, layer in lora_layers(model):
-            if adapter_name in layer.lora_A:
-                key_a, key_b = _lora_keys(name, layer.kind)
-                for param, key in ((layer.lora_A[adapter_name], key_a), (layer.lora_B[adapter_name], key_b)):
-                    param.copy_(_like(tensors[key], param))
 
 
 def _shard_like(sd: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
