@@ -131,6 +131,30 @@ def _resume_after_last_row(cfg: TrainConfig) -> None:
     train(cfg, resume=True, progress=False, log=lambda *a: None)
 
 
+def _rows(metrics: Path) -> list[dict]:
+    """The rows of ``metrics``, without the fields that depend on wall-clock time."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("elapsed_s", "tokens_per_s")} for r in rows]
+
+
+def test_resume_drops_metrics_rows_written_after_the_checkpoint(tiny_run_dir):
+    """Steps after the checkpoint are recomputed on resume: their old rows go, so each step has one row, the
+    same as the uninterrupted run's, and the final eval row comes once, at the end."""
+    cfg = _cfg(tiny_run_dir, save_every=4, eval_every=4)
+    train(cfg, progress=False, log=lambda *a: None)
+    metrics = Path(cfg.output_dir) / "metrics.jsonl"
+    want = _rows(metrics)
+    with open(metrics, "a") as f:
+        f.write('{"step": 13, "lo')  # a row torn by the kill
+    _resume_after_last_row(cfg)
+    got = _rows(metrics)
+    assert [r["step"] for r in got if "loss" in r] == list(range(1, 13))
+    assert [r["step"] for r in got if "eval_loss" in r] == [4, 8, 12]
+    assert got[-1].keys() == {"step", "eval_loss"}
+    assert got == want
+    assert not list(Path(cfg.output_dir).glob(".*tmp*"))
+
+
 @pytest.mark.parametrize("bias", ["all", "lora_only"])
 def test_resume_restores_trained_biases_and_modules_to_save(tmp_path, bias):
     """Trained biases and modules_to_save are part of the adapter: a resumed run must restore them too and end

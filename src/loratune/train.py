@@ -260,6 +260,8 @@ def _train(cfg: TrainConfig, world: distributed.World, resume: bool, progress: b
     if world.is_main:  # under torchrun only rank 0 writes
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.yaml").write_text(dump_yaml(cfg))
+        if resume:
+            truncate_metrics(out / "metrics.jsonl", state["step"])
 
     if cfg.compile and compile_available(device):
         log(f"compiled {compile_regions(model)} norm/MLP modules (regional torch.compile)")
@@ -685,3 +687,31 @@ def plot_losses(metrics: Path, png: Path) -> Path | None:
         return write_figure(fig, png)
     finally:
         plt.close(fig)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the rows of ``path`` (metrics.jsonl) past ``step``, atomically, before a resume from that step appends.
+
+    A run killed after its last checkpoint has already logged the steps after it (and maybe its final eval row);
+    the resumed run recomputes and logs them again. A row without a step is kept only if it comes before the first
+    row past ``step``; a line that is not JSON (torn by the kill) ends what is kept.
+    """
+    if not path.is_file():
+        return
+    kept, past = [], False
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        row_step = row.get("step") if isinstance(row, dict) else None
+        if row_step is None:
+            if not past:
+                kept.append(line)
+        elif row_step <= step:
+            kept.append(line)
+        else:
+            past = True
+    write_atomic(path, "".join(line + "\n" for line in kept))
