@@ -144,12 +144,10 @@ def test_fsdp2_equals_ddp_in_peft_format(runs):
 
 
 def _resumable_copy(run: Path, dest: Path) -> Path:
-    """``run`` as if it had been killed right after its step-3 checkpoint."""
+    """``run`` as if it had been killed just before writing its adapter, its last checkpoint at step 3 (the rows of
+    steps 4-6 and the final eval row already written: resume must drop them, :func:`assert_same_run` checks)."""
     shutil.copytree(run, dest)
     shutil.rmtree(dest / "adapter")
-    metrics = dest / "metrics.jsonl"
-    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()
-                               if "loss" in json.loads(line) and json.loads(line)["step"] <= 3))
     assert [p.name for p in (dest / "checkpoints").iterdir()] == ["step-0000003"]
     return dest
 
@@ -169,6 +167,21 @@ def test_fsdp2_run_resumes_from_its_checkpoint(runs):
     res = torchrun(*_args(runs.d, again, "--fsdp", "true"), "--resume")
     assert res.returncode == 0, res.stdout + res.stderr
     assert_same_run(again, fsdp, atol=1e-6)
+
+
+def test_fsdp2_resume_restores_trained_biases_and_modules_to_save(tmp_path):
+    """Under FSDP2 the trained biases and modules_to_save are sharded like the base: resume must restore them
+    (sharded as they are) and end exactly where the uninterrupted run does."""
+    d = make_run_dir(tmp_path, attention_bias=True)
+    extra = ("--fsdp", "true", "--lora.bias", "all", "--lora.modules_to_save", "[norm]",
+             "--lora.target_modules", "[q_proj, v_proj]")
+    res = torchrun(*_args(d, tmp_path / "fsdp", *extra))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "base_model.model.model.norm.weight" in adapter(tmp_path / "fsdp")
+    again = _resumable_copy(tmp_path / "fsdp", tmp_path / "resumed")
+    res = torchrun(*_args(d, again, *extra), "--resume")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert_same_run(again, tmp_path / "fsdp", atol=0)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
