@@ -11,7 +11,7 @@ Reported per system (medians over repeats): tokens/s counting real tokens (no pa
 phase, and for loratune its model FLOP utilisation: (4N per token for the frozen decoder + 6 per LoRA parameter +
 4·V·H per scored position + causal attention) / time / the bf16 GEMM peak of the same repeat.
 
-    PYTHONPATH=src python benchmarks/train_throughput.py            # full run (~20 min on 2 cores)
+    PYTHONPATH=src python benchmarks/train_throughput.py            # full run (~7 min on 2 idle cores)
     PYTHONPATH=src python benchmarks/train_throughput.py --quick    # 1 repeat, 2 timed steps
     PYTHONPATH=src python benchmarks/train_throughput.py --screen-peft   # PEFT dtype/autocast/attention options
 """
