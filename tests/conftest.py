@@ -128,3 +128,16 @@ def make_run_dir(tmp_path, **model_overrides):
     write_chat_jsonl(tmp_path / "train.jsonl", 64, seed=1)
     write_chat_jsonl(tmp_path / "eval.jsonl", 8, seed=2)
     return tmp_path
+
+
+def _nf4_backend_ok() -> bool:
+    from loratune import quant
+
+    try:
+        quant.check_backend_available()
+        return True
+    except RuntimeError:
+        return False
+
+
+needs_backend = pytest.mark.skipif(not _nf4_backend_ok(), reason="bitsandbytes NF4 backend not installed/usable here")

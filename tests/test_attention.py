@@ -7,7 +7,7 @@ logits agree to float rounding (atol 1e-5), LoRA gradients to rtol 1e-4 / atol 1
 import pytest
 import torch
 
-from conftest import make_tiny_qwen3
+from conftest import make_tiny_qwen3, randomize_lora_B
 from loratune.attention import NAME, example_bounds, use_varlen_attention, varlen_kwargs
 from loratune.config import LoraConfig
 from loratune.data import PackingCollator
@@ -46,10 +46,7 @@ def test_loss_and_lora_gradients_match_dense_mask():
     torch.manual_seed(0)
     model = make_tiny_qwen3()
     inject_adapter(model, LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.1)
+    randomize_lora_B(model)
     model.train()
     _, batch = _packed(1)
     results = []

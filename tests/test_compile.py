@@ -6,7 +6,7 @@ summation order in the norms' means), so loss and LoRA gradients agree to rtol 1
 import pytest
 import torch
 
-from conftest import make_tiny_qwen3
+from conftest import make_tiny_qwen3, randomize_lora_B
 from loratune.compile import compile_available, compile_regions, repeated_blocks, uncompile
 from loratune.config import LoraConfig
 from loratune.data import PackingCollator
@@ -20,10 +20,7 @@ def _model():
     model = make_tiny_qwen3()
     torch.manual_seed(0)
     inject_adapter(model, LoraConfig(r=4, lora_alpha=6, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.1)
+    randomize_lora_B(model)
     model.train()
     return model
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import make_char_tokenizer, make_tiny_qwen3
+from conftest import make_char_tokenizer, make_tiny_qwen3, randomize_lora_B
 from loratune import LoraConfig, get_lora_model
 from loratune.generate import exact_match, generate, prompt_and_reference, render
 
@@ -43,10 +43,7 @@ def test_generation_with_adapter_differs_and_disabling_restores():
     prompts = [[{"role": "user", "content": f"x{i}"}] for i in range(4)]
     base = generate(model, tok, prompts, max_new_tokens=5)
     lm = get_lora_model(model, LoraConfig(target_modules="all-linear"))
-    with torch.no_grad():
-        for n, p in lm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=1.0)
+    randomize_lora_B(lm, std=1.0)
     adapted = generate(lm.model, tok, prompts, max_new_tokens=5)
     assert adapted != base
     with lm.disable_adapters():

@@ -16,23 +16,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import randomize_lora_B
+from conftest import needs_backend, randomize_lora_B
 from loratune import get_lora_model, merge_and_unload, quant
 from loratune.cli import main
 from loratune.config import LoraConfig
 from loratune.models import load_model, load_with_adapters, quantize_base
 from loratune.train import TrainConfig, evaluate_loss, load_data, train
 
-
-def _backend_ok() -> bool:
-    try:
-        quant.check_backend_available()
-        return True
-    except RuntimeError:
-        return False
-
-
-needs_backend = pytest.mark.skipif(not _backend_ok(), reason="bitsandbytes NF4 backend not installed/usable here")
 
 STEPS, LR = 10, 1e-2
 

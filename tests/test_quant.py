@@ -18,18 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from loratune import quant
-from conftest import make_tiny_qwen3
-
-
-def _backend_ok() -> bool:
-    try:
-        quant.check_backend_available()
-        return True
-    except RuntimeError:
-        return False
-
-
-needs_backend = pytest.mark.skipif(not _backend_ok(), reason="bitsandbytes NF4 backend not installed/usable here")
+from conftest import make_tiny_qwen3, needs_backend
 
 
 def _gauss(out_f, in_f, seed=0, dtype=torch.bfloat16, std=0.02):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_run_dir
+from conftest import make_run_dir, randomize_lora_B
 from safetensors.torch import load_file, save_file
 
 from loratune.adapters import PREFIX
@@ -69,10 +69,7 @@ def test_grad_accumulation_equals_one_big_batch(tiny_run_dir, packing):
     model = load_model(str(tiny_run_dir / "model"))
     torch.manual_seed(0)
     inject_adapter(model, LoraConfig(r=4, target_modules="all-linear", init="kaiming"))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.1)
+    randomize_lora_B(model)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     results = []
     for micro in ([collate(examples)], [collate(examples[:4]), collate(examples[4:])]):
@@ -229,10 +226,7 @@ def _packed_lora_model(d: Path, dtype):
     model = load_model(str(d / "model"), dtype=dtype)
     torch.manual_seed(0)
     inject_adapter(model, LoraConfig(r=4, lora_alpha=6, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.1)
+    randomize_lora_B(model)
     model.train()
     return model, micro
 
