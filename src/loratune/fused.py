@@ -16,6 +16,9 @@ LoRA matmuls in autocast's dtype (else in the adapter's), gradients come back in
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -30,54 +33,41 @@ def _compute_dtypes(x: Tensor, lora_A: Tensor) -> tuple[torch.dtype, torch.dtype
 
 
 def lora_linear_forward(x: Tensor, x_d: Tensor | None, weight: Tensor, bias: Tensor | None, lora_A: Tensor,
-                        lora_B: Tensor, scaling: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                        lora_B: Tensor, scaling: float, factors: Callable[[torch.dtype], tuple[Tensor, Tensor]] | None
+                        = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The forward math without autograd: (y [..., out], x as the base read it [N, in], the LoRA input [N, in],
-    h [N, r]). Used as is when no gradient is needed (inference), and by :class:`LoraLinearFunction`."""
+    h [N, r]). ``factors(lora_dtype)`` may supply A and (s·B)ᵀ already cast (:func:`lora_linear_inference` caches
+    them); by default they are cast here."""
     base_dt, lora_dt = _compute_dtypes(x, lora_A)
-    shape = x.shape
-    with torch.autocast(x.device.type, enabled=False):
+    device = x.device.type
+    with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext():
+        shape = x.shape
         xb = x.reshape(-1, shape[-1]).to(base_dt)                              # [N, in]
         y = F.linear(xb, weight.to(base_dt), None if bias is None else bias.to(base_dt))  # [N, out]
         xl = xb if x_d is None else x_d.reshape(-1, shape[-1]).to(base_dt)      # LoRA input, saved as is
-        a, sb = lora_A.to(lora_dt), (lora_B * scaling).to(lora_dt)             # r×in, out×r
+        a, sb_t = factors(lora_dt) if factors else (lora_A.to(lora_dt), (lora_B * scaling).to(lora_dt).t())
         h = xl.to(lora_dt) @ a.t()                                             # [N, r]
         if y.dtype == lora_dt:
-            y.addmm_(h, sb.t())                                                # y += h·(sB)ᵀ, in place
+            y.addmm_(h, sb_t)                                                  # y += h·(sB)ᵀ, in place
         else:
-            y += (h @ sb.t()).to(y.dtype)
+            y += (h @ sb_t).to(y.dtype)
     return y.view(*shape[:-1], y.shape[-1]), xb, xl, h
 
 
 def lora_linear_inference(cache: dict, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor,
                           lora_B: Tensor, scaling: float) -> Tensor:
-    """No-grad forward for serving an unmerged adapter: ``y = x·Wᵀ + b``, then ``y += (x·Aᵀ)·(sB)ᵀ`` in place, in
-    the dtypes of the training forward (autocast's, else the base in x's and the update in the adapter's), with
-    s·B computed once and kept in ``cache`` (refreshed whenever A, B or their versions change): the update is two
-    small matmuls per layer. Keeping fp32 adapters in fp32 here is also the fast choice for decoding: PyTorch's CPU
-    bf16 matmuls with a handful of rows and rank-r columns cost ~20 µs each, fp32 ones ~3 µs."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        with torch.autocast(device, enabled=False):
-            dt = torch.get_autocast_dtype(device)
-            return _serve(cache, x, weight, bias, lora_A, lora_B, scaling, dt, dt)
-    return _serve(cache, x, weight, bias, lora_A, lora_B, scaling, x.dtype, lora_A.dtype)
+    """No-grad forward for serving an unmerged adapter: :func:`lora_linear_forward` with A and (s·B)ᵀ cast once and
+    kept in ``cache`` (refreshed whenever A, B, their versions or the compute dtype change), so the update is two
+    small matmuls per layer. fp32 adapters stay fp32 here (without autocast): on this CPU small bf16 matmuls are the
+    slower choice for decoding (``benchmarks/decode_detail.py``)."""
+    def factors(lora_dt: torch.dtype) -> tuple[Tensor, Tensor]:
+        key = (lora_A.data_ptr(), lora_A._version, lora_B.data_ptr(), lora_B._version, scaling, lora_dt)
+        if cache.get("key") != key:
+            cache["a"], cache["sb_t"] = lora_A.detach().to(lora_dt), (lora_B.detach() * scaling).to(lora_dt).t()
+            cache["key"] = key
+        return cache["a"], cache["sb_t"]
 
-
-def _serve(cache: dict, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-           scaling: float, base_dt: torch.dtype, lora_dt: torch.dtype) -> Tensor:
-    key = (lora_A.data_ptr(), lora_A._version, lora_B.data_ptr(), lora_B._version, scaling, lora_dt)
-    if cache.get("key") != key:
-        cache["a"], cache["sb_t"] = lora_A.detach().to(lora_dt), (lora_B.detach() * scaling).to(lora_dt).t()
-        cache["key"] = key
-    shape = x.shape
-    xb = x.reshape(-1, shape[-1]).to(base_dt)                                  # [N, in]
-    y = F.linear(xb, weight.to(base_dt), None if bias is None else bias.to(base_dt))  # [N, out]
-    h = F.linear(xb if lora_dt == base_dt else xb.to(lora_dt), cache["a"])     # [N, r]
-    if y.dtype == lora_dt:
-        y.addmm_(h, cache["sb_t"])
-    else:
-        y.add_(h @ cache["sb_t"])                                              # one rounding into y's dtype
-    return y.view(*shape[:-1], y.shape[-1])
+    return lora_linear_forward(x, None, weight, bias, lora_A, lora_B, scaling, factors)[0]
 
 
 class LoraLinearFunction(torch.autograd.Function):

@@ -48,8 +48,8 @@ class LoraLayer(nn.Module):
     in the forward pass. Merged adapters live inside ``weight`` instead.
 
     A plain Linear base with one active adapter runs as one fused autograd Function (:mod:`loratune.fused`), and
-    without grad as two small matmuls added in place in the base's compute dtype; set ``fused = False`` (on the
-    class or a layer) for the unfused autograd expression, which every case can take.
+    without grad as the same forward math with the casts of A and s·B cached; set ``fused = False`` (on the class
+    or a layer) for the unfused autograd expression, which every case can take.
     """
 
     fused = True
