@@ -7,9 +7,9 @@ def _default_wait_policy() -> None:
     """Choose how idle OpenMP threads wait, before torch is imported (only then does it take effect).
 
     Spinning between parallel regions (libgomp's default) pays on an idle machine: Qwen3-0.6B training steps on the
-    reference 2-core CPU ran 17 % faster than with sleeping threads. On a busy machine it costs far more: a spinning
-    thread holds a core that its partner, descheduled, needs to reach the barrier (measured 1.8x slower beside one
-    other 2-thread job, 4-8x on a heavily loaded machine). So threads sleep (``OMP_WAIT_POLICY=PASSIVE``) when
+    reference 2-core CPU ran 12 % faster than with sleeping threads. On a busy machine it costs far more: a spinning
+    thread holds a core that its partner, descheduled, needs to reach the barrier (1.6x slower beside one other
+    2-thread job; both measured by ``benchmarks/step_variants.py``). So threads sleep (``OMP_WAIT_POLICY=PASSIVE``) when
     something else runs here now (:func:`_machine_busy`). An explicit ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is
     left alone.
     """

@@ -29,6 +29,9 @@ from torch import nn
 from .blocked_attention import varlen_causal_attention
 
 NAME = "loratune_varlen"
+BLOCKED_ON_CPU = True
+"""Use :mod:`loratune.blocked_attention` on CPU (False: SDPA once per example there too, as on other devices;
+``benchmarks/step_variants.py`` compares the two)."""
 _registered = False
 
 
@@ -112,7 +115,7 @@ def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     if bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    if query.device.type == "cpu" and not (module.training and dropout):
+    if BLOCKED_ON_CPU and query.device.type == "cpu" and not (module.training and dropout):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return varlen_causal_attention(query, key, value, bounds, scale), None  # [1, T, Hq, D]
     gqa = query.shape[1] != key.shape[1]
